@@ -1,0 +1,144 @@
+//! Weight files: effdet `state_dict` tensors stored as safetensors (f32, f16 or bf16), read into
+//! host tensors with strict key and shape checking.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use safetensors::{Dtype, SafeTensors};
+
+use crate::compute::Tensor;
+use crate::error::{Error, Result};
+
+/// Tensors that carry bookkeeping, not weights; present in every effdet `state_dict`, ignored.
+const IGNORED_SUFFIXES: [&str; 1] = [".num_batches_tracked"];
+
+/// The tensors of one weights file, converted to f32, with a record of which keys the model
+/// consumed so leftovers can be reported.
+pub struct WeightStore {
+    path: PathBuf,
+    tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    taken: RefCell<BTreeSet<String>>,
+}
+
+impl std::fmt::Debug for WeightStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WeightStore")
+            .field("path", &self.path)
+            .field("tensors", &self.tensors.len())
+            .finish()
+    }
+}
+
+fn to_f32(key: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
+    let words = |n: usize| bytes.chunks_exact(n);
+    Ok(match dtype {
+        Dtype::F32 => words(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::F16 => words(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => words(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        other => {
+            return Err(Error::UnsupportedDtype {
+                key: key.to_string(),
+                dtype: format!("{other:?}"),
+            });
+        }
+    })
+}
+
+impl WeightStore {
+    /// Reads a safetensors file. Errors name the file and say whether it is missing, unreadable,
+    /// truncated or not safetensors at all.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        Self::from_bytes(path, &bytes)
+    }
+
+    /// Parses safetensors bytes (`path` is only used in messages).
+    pub fn from_bytes(path: impl AsRef<Path>, bytes: &[u8]) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let st = SafeTensors::deserialize(bytes).map_err(|e| Error::WeightsFormat {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let mut tensors = BTreeMap::new();
+        for (key, view) in st.tensors() {
+            if IGNORED_SUFFIXES.iter().any(|s| key.ends_with(s)) {
+                continue;
+            }
+            let data = to_f32(&key, view.dtype(), view.data())?;
+            tensors.insert(key, (view.shape().to_vec(), data));
+        }
+        if tensors.is_empty() {
+            return Err(Error::WeightsFormat {
+                path,
+                reason: "the file holds no weight tensors".into(),
+            });
+        }
+        Ok(WeightStore {
+            path,
+            tensors,
+            taken: RefCell::new(BTreeSet::new()),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Number of weight tensors (bookkeeping tensors excluded).
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// Total number of weight values (effdet counts 3,880,067 parameters for D0; this also
+    /// counts BN running statistics).
+    pub fn num_values(&self) -> usize {
+        self.tensors.values().map(|(_, d)| d.len()).sum()
+    }
+
+    /// The tensor `key`, which must have exactly `shape`. Marks it as used.
+    pub fn take(&self, key: &str, shape: &[usize]) -> Result<Tensor> {
+        let (actual, data) = self.tensors.get(key).ok_or_else(|| Error::MissingTensor {
+            key: key.to_string(),
+            expected: shape.to_vec(),
+        })?;
+        if actual != shape {
+            return Err(Error::ShapeMismatch {
+                key: key.to_string(),
+                expected: shape.to_vec(),
+                actual: actual.clone(),
+            });
+        }
+        self.taken.borrow_mut().insert(key.to_string());
+        Tensor::new(actual.clone(), data.clone())
+    }
+
+    /// Errors if any tensor was never taken: the file is for a different model.
+    pub fn check_all_used(&self) -> Result<()> {
+        let taken = self.taken.borrow();
+        let unused: Vec<_> = self
+            .tensors
+            .iter()
+            .filter(|(k, _)| !taken.contains(*k))
+            .collect();
+        match unused.first() {
+            None => Ok(()),
+            Some((k, (shape, _))) => Err(Error::UnexpectedTensors {
+                count: unused.len(),
+                first: (*k).clone(),
+                shape: shape.clone(),
+            }),
+        }
+    }
+}
