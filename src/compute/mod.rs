@@ -29,15 +29,11 @@ pub enum Activation {
 }
 
 impl Activation {
-    /// Applies the activation to one value (the CPU reference for every backend).
+    /// Applies the activation to one value (the CPU reference for every backend; `exp` is
+    /// [`cpu::simd::exp`], within a few ulp of libm's).
     #[inline(always)]
     pub fn apply(self, x: f32) -> f32 {
-        match self {
-            Activation::None => x,
-            Activation::Swish => x / (1.0 + (-x).exp()),
-            Activation::Sigmoid => 1.0 / (1.0 + (-x).exp()),
-            Activation::Relu => x.max(0.0),
-        }
+        cpu::simd::activate(self, x)
     }
 }
 

@@ -11,6 +11,7 @@
 
 use rayon::prelude::*;
 
+use super::simd;
 use crate::compute::{Activation, ConvSpec, Tensor};
 use crate::error::{Error, Result};
 
@@ -71,9 +72,16 @@ pub(super) fn conv2d(
         pads: [pt, pb, pl, pr],
     };
     if spec.groups == 1 && kh == 1 && kw == 1 && spec.stride == 1 && pt + pb + pl + pr == 0 {
-        pointwise(x, weight, &mut y, n, cin, cout, h * w);
+        // The epilogue runs per column block inside, while the block is in L2.
+        pointwise(x, weight, bias, spec.act, residual, &mut y, n, cin, cout, h * w);
+        return Ok(y);
     } else if spec.groups == cin && cin_g == 1 && cout == cin {
-        depthwise(x, weight, &mut y, &geo);
+        // Bias and activation are applied row by row inside, while the row is in L1.
+        depthwise(x, weight, bias, spec.act, &mut y, &geo);
+        if let Some(r) = residual {
+            epilogue(&mut y, None, Activation::None, Some(r), cout, oh * ow);
+        }
+        return Ok(y);
     } else if spec.groups == 1 {
         im2col_gemm(x, weight, &mut y, n, cin, cout, &geo);
     } else {
@@ -135,15 +143,92 @@ fn gemm(dst: &mut [f32], lhs: &[f32], rhs: &[f32], m: usize, k: usize, n: usize)
     }
 }
 
-fn pointwise(x: &Tensor, weight: &Tensor, y: &mut Tensor, n: usize, cin: usize, cout: usize, hw: usize) {
+/// A raw output pointer shared by tasks that write disjoint column blocks of one matrix.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: tasks built from it write disjoint element sets (see `pointwise`).
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+/// `Y[b] = act(W * X[b] + bias) + R[b]`, tiled over blocks of output columns: each task computes
+/// a `cout x block` tile with a single-threaded GEMM and applies the epilogue to it at once, so
+/// the tile is still in cache (a separate pass over a 25 MB activation costs as much as the GEMM).
+#[allow(clippy::too_many_arguments)]
+fn pointwise(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    act: Activation,
+    residual: Option<&Tensor>,
+    y: &mut Tensor,
+    n: usize,
+    cin: usize,
+    cout: usize,
+    hw: usize,
+) {
+    // Aim for ~256 KB of output per tile, in multiples of 16 columns.
+    let block = ((65_536 / cout.max(1)).max(16) / 16 * 16).min(hw).max(1);
+    let blocks = hw.div_ceil(block);
     let xd = x.data();
     let wd = weight.data();
-    for (b, out) in y.data_mut().chunks_mut(cout * hw).enumerate().take(n) {
-        gemm(out, wd, &xd[b * cin * hw..(b + 1) * cin * hw], cout, cin, hw);
+    let bd = bias.map(|b| b.data());
+    let rd = residual.map(|r| r.data());
+    let out = SharedOut(y.data_mut().as_mut_ptr());
+    let task = |t: usize| {
+        let out = out;
+        let (b, blk) = (t / blocks, t % blocks);
+        let c0 = blk * block;
+        let cols = block.min(hw - c0);
+        let img = &xd[b * cin * hw..(b + 1) * cin * hw];
+        // SAFETY: tile (b, blk) covers rows 0..cout, columns c0..c0+cols of image b's output:
+        // in bounds of `y` ([n, cout, hw]) and disjoint from every other task's tile.
+        unsafe {
+            let dst = out.0.add(b * cout * hw + c0);
+            gemm::gemm(
+                cout,
+                cols,
+                cin,
+                dst,
+                1,
+                hw as isize,
+                false,
+                wd.as_ptr(),
+                1,
+                cin as isize,
+                img.as_ptr().add(c0),
+                1,
+                hw as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+            if bd.is_some() || act != Activation::None || rd.is_some() {
+                for co in 0..cout {
+                    let row = std::slice::from_raw_parts_mut(dst.add(co * hw), cols);
+                    let bv = bd.map_or(0.0, |bd| bd[co]);
+                    match rd {
+                        Some(r) => {
+                            let at = b * cout * hw + co * hw + c0;
+                            simd::bias_act_residual(row, bv, act, &r[at..at + cols]);
+                        }
+                        None => simd::bias_act(row, bv, act),
+                    }
+                }
+            }
+        }
+    };
+    let tasks = n * blocks;
+    if tasks == 1 || cout * cin * hw * n < GEMM_PAR_MIN {
+        (0..tasks).for_each(task);
+    } else {
+        (0..tasks).into_par_iter().for_each(task);
     }
 }
 
-fn depthwise(x: &Tensor, weight: &Tensor, y: &mut Tensor, g: &Geometry) {
+fn depthwise(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, act: Activation, y: &mut Tensor, g: &Geometry) {
     let Geometry {
         h,
         w,
@@ -158,6 +243,7 @@ fn depthwise(x: &Tensor, weight: &Tensor, y: &mut Tensor, g: &Geometry) {
     let (ph, pw) = (h + pt + pb, w + pl + pr);
     let xd = x.data();
     let wd = weight.data();
+    let bd = bias.map(|b| b.data());
     y.data_mut()
         .par_chunks_mut(oh * ow)
         .enumerate()
@@ -166,6 +252,7 @@ fn depthwise(x: &Tensor, weight: &Tensor, y: &mut Tensor, g: &Geometry) {
             |padded, (p, out)| {
                 let plane = &xd[p * h * w..(p + 1) * h * w];
                 let k = &wd[(p % c) * kh * kw..(p % c + 1) * kh * kw];
+                let b = bd.map_or(0.0, |b| b[p % c]);
                 if padded.len() != ph * pw {
                     padded.resize(ph * pw, 0.0);
                 }
@@ -179,15 +266,19 @@ fn depthwise(x: &Tensor, weight: &Tensor, y: &mut Tensor, g: &Geometry) {
                         let irow = &padded[(oy * stride + ky) * pw..(oy * stride + ky + 1) * pw];
                         for kx in 0..kw {
                             let wv = k[ky * kw + kx];
-                            if stride == 1 {
-                                let src = &irow[kx..kx + ow];
-                                orow.iter_mut().zip(src).for_each(|(o, &v)| *o += wv * v);
-                            } else {
-                                for (ox, o) in orow.iter_mut().enumerate() {
-                                    *o += wv * irow[ox * stride + kx];
+                            match stride {
+                                1 => simd::axpy(orow, wv, &irow[kx..kx + ow]),
+                                2 => simd::axpy_stride2(orow, wv, &irow[kx..kx + 2 * ow - 1]),
+                                _ => {
+                                    for (ox, o) in orow.iter_mut().enumerate() {
+                                        *o += wv * irow[ox * stride + kx];
+                                    }
                                 }
                             }
                         }
+                    }
+                    if b != 0.0 || act != Activation::None {
+                        simd::bias_act(orow, b, act);
                     }
                 }
             },
@@ -244,14 +335,8 @@ fn epilogue(y: &mut Tensor, bias: Option<&Tensor>, act: Activation, residual: Op
     y.data_mut().par_chunks_mut(hw).enumerate().for_each(|(p, plane)| {
         let b = bd.map_or(0.0, |b| b[p % cout]);
         match rd {
-            Some(r) => {
-                let r = &r[p * hw..(p + 1) * hw];
-                plane
-                    .iter_mut()
-                    .zip(r)
-                    .for_each(|(v, &rv)| *v = act.apply(*v + b) + rv);
-            }
-            None => plane.iter_mut().for_each(|v| *v = act.apply(*v + b)),
+            Some(r) => simd::bias_act_residual(plane, b, act, &r[p * hw..(p + 1) * hw]),
+            None => simd::bias_act(plane, b, act),
         }
     });
 }

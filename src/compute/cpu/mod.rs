@@ -5,6 +5,7 @@
 
 mod conv;
 mod ops;
+pub mod simd;
 
 use std::sync::Arc;
 

@@ -3,6 +3,7 @@
 
 use rayon::prelude::*;
 
+use super::simd;
 use crate::compute::{Activation, Padding, Tensor};
 use crate::error::{Error, Result};
 
@@ -17,7 +18,7 @@ pub(super) fn apply_activation(data: &mut [f32], act: Activation) {
         data.iter_mut().for_each(|v| *v = act.apply(*v));
     } else {
         data.par_chunks_mut(4096)
-            .for_each(|c| c.iter_mut().for_each(|v| *v = act.apply(*v)));
+            .for_each(|c| simd::bias_act(c, 0.0, act));
     }
 }
 
@@ -91,11 +92,10 @@ pub(super) fn weighted_sum(xs: &[&Tensor], weights: &[f32], act: Activation) -> 
             let start = ci * chunk;
             let end = (start + chunk).min(len);
             for (x, &wgt) in xs.iter().zip(weights) {
-                let src = &x.data()[start..end];
-                out.iter_mut().zip(src).for_each(|(o, &v)| *o += v * wgt);
+                simd::scale_add(out, &x.data()[start..end], wgt);
             }
             if act != Activation::None {
-                out.iter_mut().for_each(|v| *v = act.apply(*v));
+                simd::bias_act(out, 0.0, act);
             }
         });
     Ok(y)
