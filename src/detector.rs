@@ -1,1 +1,281 @@
-//! (being written)
+//! The user-facing detector: frames in, labelled detections out.
+//!
+//! A frame flows `preprocess` (letterbox + normalise into a batch tensor) -> `forward` (the
+//! network on the chosen engine) -> `postprocess` (top-k, decode, clip, NMS, labels). Each stage
+//! is public so tools can time or test it alone.
+
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+
+use crate::compute::Tensor;
+use crate::compute::cpu::CpuBackend;
+use crate::detection::Detection;
+use crate::error::{Error, Result};
+use crate::frame::Frame;
+use crate::labels::Labels;
+use crate::model::{EfficientDet, EfficientDetConfig, LevelOutputs, WeightStore};
+use crate::postprocess::{
+    AnchorConfig, Anchors, ImageInfo, LevelOutput, PostprocessConfig, postprocess,
+};
+use crate::preprocess::{Letterbox, preprocess_into};
+
+/// Which engine runs the network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum BackendKind {
+    /// The best engine available on this machine (today: the CPU).
+    #[default]
+    Auto,
+    /// The f32 CPU engine.
+    Cpu,
+}
+
+impl std::str::FromStr for BackendKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(BackendKind::Auto),
+            "cpu" => Ok(BackendKind::Cpu),
+            "cuda" | "tensorrt" => Err(Error::BackendUnavailable {
+                backend: s.into(),
+                reason: "this build has no GPU engine yet; use `cpu` or `auto`".into(),
+            }),
+            other => Err(Error::InvalidArgument(format!(
+                "unknown backend `{other}` (expected auto or cpu)"
+            ))),
+        }
+    }
+}
+
+/// Everything that configures a [`Detector`] besides its weights.
+#[derive(Clone, Debug)]
+pub struct DetectorOptions {
+    pub config: EfficientDetConfig,
+    pub backend: BackendKind,
+    /// CPU worker threads; 0 = one per core.
+    pub threads: usize,
+    pub postprocess: PostprocessConfig,
+    /// A label file; `None` uses COCO's names.
+    pub labels: Option<PathBuf>,
+}
+
+impl Default for DetectorOptions {
+    fn default() -> Self {
+        DetectorOptions {
+            config: EfficientDetConfig::d0(),
+            backend: BackendKind::Auto,
+            threads: 0,
+            postprocess: PostprocessConfig::default(),
+            labels: None,
+        }
+    }
+}
+
+enum Engine {
+    Cpu {
+        backend: CpuBackend,
+        model: EfficientDet<CpuBackend>,
+    },
+}
+
+/// An EfficientDet detector: loaded once, then `detect` per frame (thread-safe: `&self`).
+pub struct Detector {
+    engine: Engine,
+    anchors: Anchors,
+    labels: Labels,
+    post: PostprocessConfig,
+}
+
+impl std::fmt::Debug for Detector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Detector")
+            .field("backend", &self.backend_name())
+            .field("postprocess", &self.post)
+            .finish()
+    }
+}
+
+impl Detector {
+    /// Loads weights (effdet-named safetensors, f32/f16/bf16) and builds the detector.
+    pub fn new(weights: impl AsRef<Path>, options: DetectorOptions) -> Result<Self> {
+        let store = WeightStore::open(weights)?;
+        Self::from_weights(&store, options)
+    }
+
+    /// Builds the detector from an already-read weight store.
+    pub fn from_weights(store: &WeightStore, options: DetectorOptions) -> Result<Self> {
+        let labels = match &options.labels {
+            Some(p) => Labels::from_file(p)?,
+            None => Labels::coco(),
+        };
+        let cfg = &options.config;
+        let anchors = Anchors::new(&AnchorConfig {
+            min_level: cfg.min_level,
+            max_level: cfg.max_level,
+            num_scales: cfg.num_scales,
+            aspect_ratios: cfg.aspect_ratios.clone(),
+            anchor_scale: cfg.anchor_scale,
+            image_size: cfg.image_size,
+        })?;
+        let mut post = options.postprocess.clone();
+        post.num_classes = cfg.num_classes;
+        let engine = match options.backend {
+            BackendKind::Auto | BackendKind::Cpu => {
+                let backend = CpuBackend::new(options.threads)?;
+                let model = EfficientDet::load(&backend, store, options.config.clone())?;
+                Engine::Cpu { backend, model }
+            }
+        };
+        Ok(Detector {
+            engine,
+            anchors,
+            labels,
+            post,
+        })
+    }
+
+    /// The engine in use (`cpu`, ...).
+    pub fn backend_name(&self) -> &'static str {
+        match &self.engine {
+            Engine::Cpu { .. } => "cpu",
+        }
+    }
+
+    pub fn config(&self) -> &EfficientDetConfig {
+        match &self.engine {
+            Engine::Cpu { model, .. } => model.config(),
+        }
+    }
+
+    pub fn labels(&self) -> &Labels {
+        &self.labels
+    }
+
+    pub fn postprocess_config(&self) -> &PostprocessConfig {
+        &self.post
+    }
+
+    /// Changes thresholds, NMS method or detection count for later calls.
+    pub fn set_postprocess_config(&mut self, mut post: PostprocessConfig) {
+        post.num_classes = self.config().num_classes;
+        self.post = post;
+    }
+
+    /// Detects objects in one frame, with the detector's post-processing settings.
+    pub fn detect(&self, frame: &Frame) -> Result<Vec<Detection>> {
+        Ok(self
+            .detect_batch(std::slice::from_ref(frame))?
+            .pop()
+            .unwrap_or_default())
+    }
+
+    /// Detects objects in several frames with one network pass.
+    pub fn detect_batch(&self, frames: &[Frame]) -> Result<Vec<Vec<Detection>>> {
+        self.detect_batch_with(frames, &self.post)
+    }
+
+    /// As [`detect_batch`](Self::detect_batch) with explicit post-processing settings (e.g. a
+    /// GStreamer element whose thresholds change while playing).
+    pub fn detect_batch_with(
+        &self,
+        frames: &[Frame],
+        post: &PostprocessConfig,
+    ) -> Result<Vec<Vec<Detection>>> {
+        if frames.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (input, boxes) = self.preprocess(frames)?;
+        let outputs = self.forward(&input)?;
+        self.postprocess(&outputs, &boxes, post)
+    }
+
+    /// Letterboxes and normalises frames into one `[N, 3, H, W]` input tensor.
+    pub fn preprocess(&self, frames: &[Frame]) -> Result<(Tensor, Vec<Letterbox>)> {
+        let _s = tracing::debug_span!("preprocess", frames = frames.len()).entered();
+        let (h, w) = self.config().image_size;
+        if h != w {
+            return Err(Error::InvalidArgument(format!(
+                "non-square network input {h}x{w} is not supported by the letterbox"
+            )));
+        }
+        let per = 3 * h * w;
+        let mut data = vec![0f32; frames.len() * per];
+        let run = || {
+            data.par_chunks_mut(per)
+                .zip(frames.par_iter())
+                .map(|(out, f)| preprocess_into(f, h, out))
+                .collect::<Result<Vec<_>>>()
+        };
+        let boxes = match &self.engine {
+            Engine::Cpu { backend, .. } => backend.install(run)?,
+        };
+        Ok((Tensor::new(vec![frames.len(), 3, h, w], data)?, boxes))
+    }
+
+    /// Runs the network on a normalised input batch; returns raw per-level outputs on the host.
+    pub fn forward(&self, input: &Tensor) -> Result<Vec<LevelOutputs<Tensor>>> {
+        let _s = tracing::debug_span!("infer", backend = self.backend_name()).entered();
+        match &self.engine {
+            Engine::Cpu { backend, model } => backend.install(|| model.forward(backend, input)),
+        }
+    }
+
+    /// Turns raw outputs into labelled detections in original-image pixels, one list per image.
+    pub fn postprocess(
+        &self,
+        outputs: &[LevelOutputs<Tensor>],
+        letterboxes: &[Letterbox],
+        post: &PostprocessConfig,
+    ) -> Result<Vec<Vec<Detection>>> {
+        let _s = tracing::debug_span!("postprocess").entered();
+        let per_image = |b: usize, lb: &Letterbox| -> Result<Vec<Detection>> {
+            let levels = outputs
+                .iter()
+                .map(|o| {
+                    let [n, cc, h, w] = o.class.dims4("postprocess")?;
+                    let [_, cb, _, _] = o.boxes.dims4("postprocess")?;
+                    if b >= n {
+                        return Err(Error::Shape {
+                            op: "postprocess",
+                            detail: format!("image {b} of a batch of {n}"),
+                        });
+                    }
+                    Ok(LevelOutput {
+                        class: &o.class.data()[b * cc * h * w..(b + 1) * cc * h * w],
+                        boxes: &o.boxes.data()[b * cb * h * w..(b + 1) * cb * h * w],
+                        height: h,
+                        width: w,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let info = ImageInfo {
+                img_scale: lb.img_scale as f32,
+                orig_width: lb.orig_width as f32,
+                orig_height: lb.orig_height as f32,
+            };
+            let raw = postprocess(&levels, &self.anchors, Some(info), post)?;
+            Ok(raw
+                .into_iter()
+                .map(|r| Detection {
+                    x1: r.bbox[0],
+                    y1: r.bbox[1],
+                    x2: r.bbox[2],
+                    y2: r.bbox[3],
+                    score: r.score,
+                    class_id: r.class_id,
+                    label: self.labels.name(r.class_id),
+                })
+                .collect())
+        };
+        let run = || {
+            letterboxes
+                .par_iter()
+                .enumerate()
+                .map(|(b, lb)| per_image(b, lb))
+                .collect::<Result<Vec<_>>>()
+        };
+        match &self.engine {
+            Engine::Cpu { backend, .. } => backend.install(run),
+        }
+    }
+}

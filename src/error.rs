@@ -23,7 +23,9 @@ pub enum Error {
     MissingTensor { key: String, expected: Vec<usize> },
 
     /// The weights file holds tensors the model does not use (usually: a different model variant).
-    #[error("weights: {count} unexpected tensor(s), e.g. `{first}` with shape {shape:?} (is this a tf_efficientdet_d0 state_dict?)")]
+    #[error(
+        "weights: {count} unexpected tensor(s), e.g. `{first}` with shape {shape:?} (is this a tf_efficientdet_d0 state_dict?)"
+    )]
     UnexpectedTensors {
         count: usize,
         first: String,

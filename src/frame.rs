@@ -70,7 +70,9 @@ impl PixelFormat {
     pub fn bytes_per_pixel(self) -> Option<usize> {
         match self {
             PixelFormat::Rgb => Some(3),
-            PixelFormat::Rgba | PixelFormat::Rgbx | PixelFormat::Bgrx | PixelFormat::Bgra => Some(4),
+            PixelFormat::Rgba | PixelFormat::Rgbx | PixelFormat::Bgrx | PixelFormat::Bgra => {
+                Some(4)
+            }
             PixelFormat::Nv12 | PixelFormat::I420 => None,
         }
     }
@@ -200,7 +202,12 @@ impl<'a> Frame<'a> {
     }
 
     /// A tightly packed frame: planes one after another with no row padding.
-    pub fn packed(format: PixelFormat, width: usize, height: usize, data: &'a [u8]) -> Result<Self> {
+    pub fn packed(
+        format: PixelFormat,
+        width: usize,
+        height: usize,
+        data: &'a [u8],
+    ) -> Result<Self> {
         let strides = format.packed_strides(width);
         let mut offsets = Vec::with_capacity(strides.len());
         let mut at = 0usize;

@@ -25,6 +25,7 @@ pub mod postprocess;
 pub mod preprocess;
 
 pub use detection::Detection;
+pub use detector::{BackendKind, Detector, DetectorOptions};
 
 pub use error::{Error, Result};
 pub use frame::{Frame, PixelFormat, YuvMatrix, YuvRange};

@@ -54,7 +54,13 @@ pub enum Padding {
 
 impl Padding {
     /// (output size, pad before, pad after) for one spatial dimension.
-    pub fn resolve(self, input: usize, kernel: usize, stride: usize, dim_is_height: bool) -> (usize, usize, usize) {
+    pub fn resolve(
+        self,
+        input: usize,
+        kernel: usize,
+        stride: usize,
+        dim_is_height: bool,
+    ) -> (usize, usize, usize) {
         match self {
             Padding::Same => {
                 let out = input.div_ceil(stride);
@@ -67,9 +73,17 @@ impl Padding {
                 left,
                 right,
             } => {
-                let (a, b) = if dim_is_height { (top, bottom) } else { (left, right) };
+                let (a, b) = if dim_is_height {
+                    (top, bottom)
+                } else {
+                    (left, right)
+                };
                 let padded = input + a + b;
-                let out = if padded >= kernel { (padded - kernel) / stride + 1 } else { 0 };
+                let out = if padded >= kernel {
+                    (padded - kernel) / stride + 1
+                } else {
+                    0
+                };
                 (out, a, b)
             }
         }
@@ -160,12 +174,23 @@ pub trait Backend: Send + Sync {
     fn add(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
 
     /// Max pooling with a `kernel` x `kernel` window, TF-SAME padding with -inf.
-    fn max_pool_same(&self, x: &Self::Tensor, kernel: usize, stride: usize) -> Result<Self::Tensor>;
+    fn max_pool_same(&self, x: &Self::Tensor, kernel: usize, stride: usize)
+    -> Result<Self::Tensor>;
 
     /// Nearest-neighbour resize to `height` x `width` (PyTorch `nearest`: src = floor(dst * in / out)).
-    fn upsample_nearest(&self, x: &Self::Tensor, height: usize, width: usize) -> Result<Self::Tensor>;
+    fn upsample_nearest(
+        &self,
+        x: &Self::Tensor,
+        height: usize,
+        width: usize,
+    ) -> Result<Self::Tensor>;
 
     /// `act(sum_i weights[i] * xs[i])`: the BiFPN's fast normalised fusion, with the weights
     /// already normalised (`relu(w_i) / (sum relu(w) + 1e-4)`) by the caller.
-    fn weighted_sum(&self, xs: &[&Self::Tensor], weights: &[f32], act: Activation) -> Result<Self::Tensor>;
+    fn weighted_sum(
+        &self,
+        xs: &[&Self::Tensor],
+        weights: &[f32],
+        act: Activation,
+    ) -> Result<Self::Tensor>;
 }

@@ -18,7 +18,10 @@ impl Tensor {
         if n != data.len() {
             return Err(Error::Shape {
                 op: "Tensor::new",
-                detail: format!("shape {shape:?} holds {n} elements but {} were given", data.len()),
+                detail: format!(
+                    "shape {shape:?} holds {n} elements but {} were given",
+                    data.len()
+                ),
             });
         }
         Ok(Tensor { shape, data })

@@ -103,8 +103,12 @@ impl<B: Backend> Resample<B> {
         };
         let src = converted.as_ref().unwrap_or(x);
         Ok(match self.spatial {
-            Spatial::Down { kernel, stride } => MaybeOwned::Owned(be.max_pool_same(src, kernel, stride)?),
-            Spatial::Up { height, width } => MaybeOwned::Owned(be.upsample_nearest(src, height, width)?),
+            Spatial::Down { kernel, stride } => {
+                MaybeOwned::Owned(be.max_pool_same(src, kernel, stride)?)
+            }
+            Spatial::Up { height, width } => {
+                MaybeOwned::Owned(be.upsample_nearest(src, height, width)?)
+            }
             Spatial::Same => match converted {
                 Some(t) => MaybeOwned::Owned(t),
                 None => MaybeOwned::Borrowed(x),
@@ -151,7 +155,9 @@ impl<B: Backend> BiFpn<B> {
                 let mut inputs = Vec::with_capacity(node.inputs.len());
                 for &off in node.inputs {
                     let (ch, level) = *feats.get(off).ok_or_else(|| {
-                        Error::InvalidArgument(format!("BiFPN node {ni} refers to missing input {off}"))
+                        Error::InvalidArgument(format!(
+                            "BiFPN node {ni} refers to missing input {off}"
+                        ))
                     })?;
                     let r = Resample::load(
                         ld,

@@ -72,14 +72,38 @@ pub struct FpnNode {
 /// The BiFPN wiring for levels 3..7 (effdet's `bifpn_config`, fast attention): four top-down
 /// nodes, then four bottom-up output nodes. A cell's outputs are its last five nodes (P3..P7).
 pub const BIFPN_NODES: [FpnNode; 8] = [
-    FpnNode { level: 6, inputs: &[3, 4] },     // P6td  = f(P6, up P7)
-    FpnNode { level: 5, inputs: &[2, 5] },     // P5td  = f(P5, up P6td)
-    FpnNode { level: 4, inputs: &[1, 6] },     // P4td  = f(P4, up P5td)
-    FpnNode { level: 3, inputs: &[0, 7] },     // P3out = f(P3, up P4td)
-    FpnNode { level: 4, inputs: &[1, 7, 8] },  // P4out = f(P4, P4td, down P3out)
-    FpnNode { level: 5, inputs: &[2, 6, 9] },  // P5out = f(P5, P5td, down P4out)
-    FpnNode { level: 6, inputs: &[3, 5, 10] }, // P6out = f(P6, P6td, down P5out)
-    FpnNode { level: 7, inputs: &[4, 11] },    // P7out = f(P7, down P6out)
+    FpnNode {
+        level: 6,
+        inputs: &[3, 4],
+    }, // P6td  = f(P6, up P7)
+    FpnNode {
+        level: 5,
+        inputs: &[2, 5],
+    }, // P5td  = f(P5, up P6td)
+    FpnNode {
+        level: 4,
+        inputs: &[1, 6],
+    }, // P4td  = f(P4, up P5td)
+    FpnNode {
+        level: 3,
+        inputs: &[0, 7],
+    }, // P3out = f(P3, up P4td)
+    FpnNode {
+        level: 4,
+        inputs: &[1, 7, 8],
+    }, // P4out = f(P4, P4td, down P3out)
+    FpnNode {
+        level: 5,
+        inputs: &[2, 6, 9],
+    }, // P5out = f(P5, P5td, down P4out)
+    FpnNode {
+        level: 6,
+        inputs: &[3, 5, 10],
+    }, // P6out = f(P6, P6td, down P5out)
+    FpnNode {
+        level: 7,
+        inputs: &[4, 11],
+    }, // P7out = f(P7, down P6out)
 ];
 
 /// An EfficientDet variant. Field names and values follow effdet's model configs.
@@ -147,7 +171,9 @@ impl EfficientDetConfig {
                 "tf_efficientdet_d{variant} is not implemented yet (its backbone {} is config-only); use D0",
                 Self::COMPOUND_SCALING[variant].4
             ))),
-            _ => Err(Error::InvalidArgument(format!("no EfficientDet variant d{variant}"))),
+            _ => Err(Error::InvalidArgument(format!(
+                "no EfficientDet variant d{variant}"
+            ))),
         }
     }
 

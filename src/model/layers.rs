@@ -14,7 +14,12 @@ pub(crate) struct Conv<B: Backend> {
 }
 
 impl<B: Backend> Conv<B> {
-    pub(crate) fn forward(&self, be: &B, x: &B::Tensor, residual: Option<&B::Tensor>) -> Result<B::Tensor> {
+    pub(crate) fn forward(
+        &self,
+        be: &B,
+        x: &B::Tensor,
+        residual: Option<&B::Tensor>,
+    ) -> Result<B::Tensor> {
         be.conv2d(x, &self.weight, self.bias.as_ref(), self.spec, residual)
     }
 }

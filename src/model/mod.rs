@@ -9,7 +9,7 @@ mod head;
 mod layers;
 pub mod weights;
 
-pub use config::{BackboneConfig, EfficientDetConfig, FpnNode, StageConfig, BIFPN_NODES};
+pub use config::{BIFPN_NODES, BackboneConfig, EfficientDetConfig, FpnNode, StageConfig};
 pub use weights::WeightStore;
 
 use crate::compute::Backend;

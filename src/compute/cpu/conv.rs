@@ -34,7 +34,8 @@ pub(super) fn conv2d(
 ) -> Result<Tensor> {
     let [n, cin, h, w] = x.dims4("conv2d")?;
     let [cout, cin_g, kh, kw] = weight.dims4("conv2d weight")?;
-    if spec.stride == 0 || spec.groups == 0 || cin % spec.groups != 0 || cin / spec.groups != cin_g {
+    if spec.stride == 0 || spec.groups == 0 || cin % spec.groups != 0 || cin / spec.groups != cin_g
+    {
         return Err(shape_err(format!(
             "input has {cin} channels, weight {:?}, groups {}, stride {}",
             weight.shape(),
@@ -45,12 +46,17 @@ pub(super) fn conv2d(
     if let Some(b) = bias
         && b.len() != cout
     {
-        return Err(shape_err(format!("bias {:?} for {cout} output channels", b.shape())));
+        return Err(shape_err(format!(
+            "bias {:?} for {cout} output channels",
+            b.shape()
+        )));
     }
     let (oh, pt, pb) = spec.padding.resolve(h, kh, spec.stride, true);
     let (ow, pl, pr) = spec.padding.resolve(w, kw, spec.stride, false);
     if oh == 0 || ow == 0 {
-        return Err(shape_err(format!("{h}x{w} input too small for a {kh}x{kw} kernel")));
+        return Err(shape_err(format!(
+            "{h}x{w} input too small for a {kh}x{kw} kernel"
+        )));
     }
     if let Some(r) = residual
         && r.shape() != [n, cout, oh, ow]
@@ -73,7 +79,18 @@ pub(super) fn conv2d(
     };
     if spec.groups == 1 && kh == 1 && kw == 1 && spec.stride == 1 && pt + pb + pl + pr == 0 {
         // The epilogue runs per column block inside, while the block is in L2.
-        pointwise(x, weight, bias, spec.act, residual, &mut y, n, cin, cout, h * w);
+        pointwise(
+            x,
+            weight,
+            bias,
+            spec.act,
+            residual,
+            &mut y,
+            n,
+            cin,
+            cout,
+            h * w,
+        );
         return Ok(y);
     } else if spec.groups == cin && cin_g == 1 && cout == cin {
         // Bias and activation are applied row by row inside, while the row is in L1.
@@ -150,6 +167,13 @@ struct SharedOut(*mut f32);
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
+impl SharedOut {
+    /// Taking `self` makes closures capture the whole (Send) wrapper, not its raw pointer field.
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// `Y[b] = act(W * X[b] + bias) + R[b]`, tiled over blocks of output columns: each task computes
 /// a `cout x block` tile with a single-threaded GEMM and applies the epilogue to it at once, so
 /// the tile is still in cache (a separate pass over a 25 MB activation costs as much as the GEMM).
@@ -175,7 +199,6 @@ fn pointwise(
     let rd = residual.map(|r| r.data());
     let out = SharedOut(y.data_mut().as_mut_ptr());
     let task = |t: usize| {
-        let out = out;
         let (b, blk) = (t / blocks, t % blocks);
         let c0 = blk * block;
         let cols = block.min(hw - c0);
@@ -183,7 +206,7 @@ fn pointwise(
         // SAFETY: tile (b, blk) covers rows 0..cout, columns c0..c0+cols of image b's output:
         // in bounds of `y` ([n, cout, hw]) and disjoint from every other task's tile.
         unsafe {
-            let dst = out.0.add(b * cout * hw + c0);
+            let dst = out.ptr().add(b * cout * hw + c0);
             gemm::gemm(
                 cout,
                 cols,
@@ -228,7 +251,14 @@ fn pointwise(
     }
 }
 
-fn depthwise(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, act: Activation, y: &mut Tensor, g: &Geometry) {
+fn depthwise(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    act: Activation,
+    y: &mut Tensor,
+    g: &Geometry,
+) {
     let Geometry {
         h,
         w,
@@ -285,7 +315,15 @@ fn depthwise(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, act: Activation
         );
 }
 
-fn im2col_gemm(x: &Tensor, weight: &Tensor, y: &mut Tensor, n: usize, cin: usize, cout: usize, g: &Geometry) {
+fn im2col_gemm(
+    x: &Tensor,
+    weight: &Tensor,
+    y: &mut Tensor,
+    n: usize,
+    cin: usize,
+    cout: usize,
+    g: &Geometry,
+) {
     let Geometry {
         h,
         w,
@@ -317,7 +355,11 @@ fn im2col_gemm(x: &Tensor, weight: &Tensor, y: &mut Tensor, n: usize, cin: usize
                 let src = &plane[iy as usize * w..(iy as usize + 1) * w];
                 for (ox, d) in dst.iter_mut().enumerate() {
                     let ix = (ox * stride + kx) as isize - pl as isize;
-                    *d = if ix >= 0 && ix < w as isize { src[ix as usize] } else { 0.0 };
+                    *d = if ix >= 0 && ix < w as isize {
+                        src[ix as usize]
+                    } else {
+                        0.0
+                    };
                 }
             }
         });
@@ -326,19 +368,29 @@ fn im2col_gemm(x: &Tensor, weight: &Tensor, y: &mut Tensor, n: usize, cin: usize
     }
 }
 
-fn epilogue(y: &mut Tensor, bias: Option<&Tensor>, act: Activation, residual: Option<&Tensor>, cout: usize, hw: usize) {
+fn epilogue(
+    y: &mut Tensor,
+    bias: Option<&Tensor>,
+    act: Activation,
+    residual: Option<&Tensor>,
+    cout: usize,
+    hw: usize,
+) {
     if bias.is_none() && act == Activation::None && residual.is_none() {
         return;
     }
     let bd = bias.map(|b| b.data());
     let rd = residual.map(|r| r.data());
-    y.data_mut().par_chunks_mut(hw).enumerate().for_each(|(p, plane)| {
-        let b = bd.map_or(0.0, |b| b[p % cout]);
-        match rd {
-            Some(r) => simd::bias_act_residual(plane, b, act, &r[p * hw..(p + 1) * hw]),
-            None => simd::bias_act(plane, b, act),
-        }
-    });
+    y.data_mut()
+        .par_chunks_mut(hw)
+        .enumerate()
+        .for_each(|(p, plane)| {
+            let b = bd.map_or(0.0, |b| b[p % cout]);
+            match rd {
+                Some(r) => simd::bias_act_residual(plane, b, act, &r[p * hw..(p + 1) * hw]),
+                None => simd::bias_act(plane, b, act),
+            }
+        });
 }
 
 #[cfg(test)]
@@ -369,13 +421,15 @@ mod tests {
                                     if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
                                         continue;
                                     }
-                                    let xv = x.data()[((b * cin + cin_idx) * h + iy as usize) * w + ix as usize];
+                                    let xv = x.data()
+                                        [((b * cin + cin_idx) * h + iy as usize) * w + ix as usize];
                                     let wv = wt.data()[((co * cin_g + ci) * kh + ky) * kw + kx];
                                     acc += xv as f64 * wv as f64;
                                 }
                             }
                         }
-                        out[((b * cout + co) * oh + oy) * ow + ox] = spec.act.apply(acc as f32) as f64;
+                        out[((b * cout + co) * oh + oy) * ow + ox] =
+                            spec.act.apply(acc as f32) as f64;
                     }
                 }
             }
@@ -387,14 +441,26 @@ mod tests {
         let n = shape.iter().product();
         let data = (0..n)
             .map(|_| {
-                *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                *seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
             })
             .collect();
         Tensor::new(shape, data).unwrap()
     }
 
-    fn check(n: usize, cin: usize, cout: usize, h: usize, w: usize, k: usize, stride: usize, groups: usize) {
+    #[allow(clippy::too_many_arguments)]
+    fn check(
+        n: usize,
+        cin: usize,
+        cout: usize,
+        h: usize,
+        w: usize,
+        k: usize,
+        stride: usize,
+        groups: usize,
+    ) {
         let mut seed = (n * 1000 + cin * 100 + h * 10 + k + stride) as u64;
         let x = rand_tensor(vec![n, cin, h, w], &mut seed);
         let wt = rand_tensor(vec![cout, cin / groups, k, k], &mut seed);

@@ -93,7 +93,13 @@ impl Backend for CpuBackend {
         self.install(|| conv::conv2d(x, weight, bias, spec, residual))
     }
 
-    fn channel_affine(&self, x: &Tensor, scale: &Tensor, shift: &Tensor, act: Activation) -> Result<Tensor> {
+    fn channel_affine(
+        &self,
+        x: &Tensor,
+        scale: &Tensor,
+        shift: &Tensor,
+        act: Activation,
+    ) -> Result<Tensor> {
         self.install(|| ops::channel_affine(x, scale, shift, act))
     }
 

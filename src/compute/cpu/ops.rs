@@ -27,18 +27,30 @@ fn channel_vec(op: &'static str, t: &Tensor, n: usize, c: usize) -> Result<()> {
     if !ok {
         return Err(Error::Shape {
             op,
-            detail: format!("per-channel tensor of shape {:?} does not fit {n}x{c}", t.shape()),
+            detail: format!(
+                "per-channel tensor of shape {:?} does not fit {n}x{c}",
+                t.shape()
+            ),
         });
     }
     Ok(())
 }
 
-pub(super) fn channel_affine(x: &Tensor, scale: &Tensor, shift: &Tensor, act: Activation) -> Result<Tensor> {
+pub(super) fn channel_affine(
+    x: &Tensor,
+    scale: &Tensor,
+    shift: &Tensor,
+    act: Activation,
+) -> Result<Tensor> {
     let [n, c, h, w] = x.dims4("channel_affine")?;
     if scale.len() != c || shift.len() != c {
         return Err(Error::Shape {
             op: "channel_affine",
-            detail: format!("{c} channels but scale {:?} and shift {:?}", scale.shape(), shift.shape()),
+            detail: format!(
+                "{c} channels but scale {:?} and shift {:?}",
+                scale.shape(),
+                shift.shape()
+            ),
         });
     }
     let mut y = x.clone();
@@ -48,7 +60,9 @@ pub(super) fn channel_affine(x: &Tensor, scale: &Tensor, shift: &Tensor, act: Ac
         .enumerate()
         .for_each(|(i, plane)| {
             let ch = i % c;
-            plane.iter_mut().for_each(|v| *v = act.apply(*v * sc[ch] + sh[ch]));
+            plane
+                .iter_mut()
+                .for_each(|v| *v = act.apply(*v * sc[ch] + sh[ch]));
         });
     let _ = n;
     Ok(y)

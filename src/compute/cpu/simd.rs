@@ -23,7 +23,7 @@ pub fn exp(x: f32) -> f32 {
     y = y * r + 8.333_452e-3;
     y = y * r + 4.166_579_6e-2;
     y = y * r + 1.666_666_5e-1;
-    y = y * r + 5.000_000_1e-1;
+    y = y * r + 0.5;
     let y = y * z + r + 1.0;
     let n = fx as i32;
     // Wrapping ops: n + 127 lies in 1..=254 after the clamp; no overflow check blocks SIMD.
