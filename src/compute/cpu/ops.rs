@@ -71,10 +71,12 @@ pub(super) fn channel_affine(
 pub(super) fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
     let [n, c, h, w] = x.dims4("global_avg_pool")?;
     let hw = h * w;
+    // Accumulate in f64: a sequential f32 sum over a 256x256 plane loses ~1e-5 relative, which
+    // the SE gates feed through the whole backbone (it cost 1e-4 in the golden outputs).
     let data = x
         .data()
-        .chunks(hw)
-        .map(|p| p.iter().sum::<f32>() / hw as f32)
+        .par_chunks(hw)
+        .map(|p| (p.iter().map(|&v| v as f64).sum::<f64>() / hw as f64) as f32)
         .collect();
     Tensor::new(vec![n, c, 1, 1], data)
 }

@@ -15,7 +15,12 @@ pub fn exp(x: f32) -> f32 {
     const C2: f32 = -2.121_944_4e-4;
     const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding and subtracting rounds to nearest
     let x = x.clamp(-87.3, 88.3);
-    let fx = (x * LOG2E + ROUND) - ROUND;
+    // t = round(x * log2 e) + 1.5 * 2^23: the rounded integer n sits in t's low mantissa bits,
+    // so n = bits(t) - bits(1.5 * 2^23). Integer ops only: a float->int `as` cast is saturating
+    // and compiles to scalar code, which made this the hottest loop of the forward pass.
+    let t = x * LOG2E + ROUND;
+    let fx = t - ROUND;
+    let n = t.to_bits().wrapping_sub(ROUND.to_bits());
     let r = x - fx * C1 - fx * C2;
     let z = r * r;
     let mut y = 1.987_569_1e-4_f32;
@@ -25,9 +30,8 @@ pub fn exp(x: f32) -> f32 {
     y = y * r + 1.666_666_5e-1;
     y = y * r + 0.5;
     let y = y * z + r + 1.0;
-    let n = fx as i32;
-    // Wrapping ops: n + 127 lies in 1..=254 after the clamp; no overflow check blocks SIMD.
-    f32::from_bits((n.wrapping_add(127) as u32).wrapping_shl(23)) * y
+    // n + 127 lies in 1..=254 after the clamp; wrapping ops keep overflow checks out of the loop.
+    f32::from_bits(n.wrapping_add(127).wrapping_shl(23)) * y
 }
 
 #[inline(always)]
