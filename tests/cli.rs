@@ -1,0 +1,444 @@
+//! The `effdet` binary as a user runs it: output formats, and every bad input with its message
+//! and exit status (never a panic).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use safetensors::tensor::{Dtype, TensorView};
+
+const WEIGHTS: &str = "tests/fixtures/golden/weights_f16.safetensors";
+const IMAGE: &str = "tests/fixtures/golden/img0.png";
+
+fn effdet(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_effdet"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("the effdet binary runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts a clean failure: the exit status, a message containing `needle`, and no panic.
+fn assert_fails(o: &Output, code: i32, needle: &str) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(code), "stderr: {err}");
+    assert!(err.contains(needle), "expected {needle:?} in stderr: {err}");
+    assert!(!err.contains("panicked"), "panic in stderr: {err}");
+    assert!(o.stdout.is_empty() || !String::from_utf8_lossy(&o.stdout).contains('['));
+}
+
+fn detect_with_weights(weights: &Path) -> Output {
+    effdet(&[
+        "detect",
+        "--weights",
+        weights.to_str().unwrap(),
+        "--image",
+        IMAGE,
+        "--json",
+    ])
+}
+
+/// Writes a safetensors file with the given (name, dtype, shape, bytes) tensors.
+fn write_safetensors(path: &Path, tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)]) {
+    let views: HashMap<String, TensorView<'_>> = tensors
+        .iter()
+        .map(|(k, dt, shape, data)| {
+            (
+                k.clone(),
+                TensorView::new(*dt, shape.clone(), data).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+/// The fixture weights as owned (name, dtype, shape, bytes) tuples.
+fn fixture_tensors() -> Vec<(String, Dtype, Vec<usize>, Vec<u8>)> {
+    let bytes = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join(WEIGHTS)).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(k, v)| (k, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+        .collect()
+}
+
+fn tmp(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join(name);
+    (dir, p)
+}
+
+#[test]
+fn json_output_is_one_array_of_detections_best_first() {
+    let o = effdet(&[
+        "detect",
+        "--weights",
+        WEIGHTS,
+        "--image",
+        IMAGE,
+        "--json",
+        "--score-threshold",
+        "0",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value =
+        serde_json::from_slice(&o.stdout).expect("stdout is exactly one JSON value");
+    let arr = v.as_array().expect("a JSON array");
+    assert_eq!(
+        arr.len(),
+        100,
+        "--score-threshold 0 keeps effdet's 100 detections"
+    );
+    let mut last = f64::INFINITY;
+    for d in arr {
+        let obj = d.as_object().unwrap();
+        let keys: Vec<_> = obj.keys().map(String::as_str).collect();
+        for k in ["x1", "y1", "x2", "y2", "score", "class_id", "label"] {
+            assert!(keys.contains(&k), "missing {k} in {d}");
+        }
+        let s = obj["score"].as_f64().unwrap();
+        assert!(s <= last, "scores must be sorted best first");
+        last = s;
+        let id = obj["class_id"].as_u64().unwrap();
+        assert!((1..=90).contains(&id));
+        // Boxes are in original-image pixels (img0 is 640x480) and clipped to it.
+        assert!(obj["x2"].as_f64().unwrap() <= 640.01 && obj["y2"].as_f64().unwrap() <= 480.01);
+        assert!(obj["x1"].as_f64().unwrap() >= 0.0 && obj["y1"].as_f64().unwrap() >= 0.0);
+    }
+}
+
+#[test]
+fn score_threshold_filters_and_table_output_lists_labels() {
+    let o = effdet(&[
+        "detect",
+        "--weights",
+        WEIGHTS,
+        "--image",
+        IMAGE,
+        "--json",
+        "--score-threshold",
+        "0.96",
+    ]);
+    assert!(o.status.success());
+    let arr: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(arr.iter().all(|d| d["score"].as_f64().unwrap() >= 0.96));
+    // The fixture's top-100 scores span 0.93-0.99, so 0.96 keeps some and drops some.
+    assert!(!arr.is_empty() && arr.len() < 100, "{} kept", arr.len());
+
+    let (_d, out) = tmp("annotated.png");
+    let o = effdet(&[
+        "detect",
+        "--weights",
+        WEIGHTS,
+        "--image",
+        IMAGE,
+        "--score-threshold",
+        "0",
+        "--max-detections",
+        "5",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success());
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("5 detection(s)"), "{text}");
+    let img = image::open(&out).expect("annotated PNG written").to_rgb8();
+    assert_eq!((img.width(), img.height()), (640, 480));
+}
+
+#[test]
+fn bench_json_has_the_documented_fields() {
+    let o = effdet(&[
+        "bench",
+        "--weights",
+        WEIGHTS,
+        "--backend",
+        "cpu",
+        "--threads",
+        "1",
+        "--iters",
+        "1",
+        "--warmup",
+        "0",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["backend"], "cpu");
+    assert_eq!(v["batch"], 1);
+    assert_eq!(v["threads"], 1);
+    for k in [
+        "network_ms_median",
+        "network_ms_p90",
+        "end_to_end_ms_median",
+        "end_to_end_ms_p90",
+    ] {
+        assert!(v[k].as_f64().unwrap() > 0.0, "{k}");
+    }
+}
+
+#[test]
+fn help_documents_every_option() {
+    let o = effdet(&["detect", "--help"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    for opt in [
+        "--weights",
+        "--image",
+        "--score-threshold",
+        "--iou-threshold",
+        "--max-detections",
+        "--json",
+        "--out",
+        "--soft-nms",
+        "--labels",
+        "--threads",
+        "--backend",
+    ] {
+        assert!(text.contains(opt), "detect --help lacks {opt}");
+    }
+    let o = effdet(&["bench", "--help"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    for opt in [
+        "--weights",
+        "--backend",
+        "--batch",
+        "--threads",
+        "--iters",
+        "--json",
+    ] {
+        assert!(text.contains(opt), "bench --help lacks {opt}");
+    }
+}
+
+#[test]
+fn missing_weights_file() {
+    let o = detect_with_weights(Path::new("no/such/weights.safetensors"));
+    assert_fails(&o, 3, "no/such/weights.safetensors");
+}
+
+#[test]
+fn unreadable_weights_path() {
+    // A directory cannot be read as a file, even by root.
+    let dir = tempfile::tempdir().unwrap();
+    let o = detect_with_weights(dir.path());
+    assert_fails(&o, 3, "cannot read");
+}
+
+#[test]
+fn truncated_weights_file() {
+    let bytes = std::fs::read(WEIGHTS).unwrap();
+    let (_d, p) = tmp("truncated.safetensors");
+    std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+    assert_fails(&detect_with_weights(&p), 3, "not a valid safetensors");
+}
+
+#[test]
+fn non_safetensors_file() {
+    assert_fails(
+        &detect_with_weights(Path::new(IMAGE)),
+        3,
+        "not a valid safetensors",
+    );
+}
+
+#[test]
+fn tensor_with_wrong_shape_names_key_and_both_shapes() {
+    let mut t = fixture_tensors();
+    let stem = t
+        .iter_mut()
+        .find(|x| x.0 == "backbone.conv_stem.weight")
+        .unwrap();
+    stem.2 = vec![32, 3, 9, 1];
+    let (_d, p) = tmp("bad_shape.safetensors");
+    write_safetensors(&p, &t);
+    let o = detect_with_weights(&p);
+    assert_fails(&o, 3, "backbone.conv_stem.weight");
+    let err = stderr(&o);
+    assert!(
+        err.contains("[32, 3, 9, 1]") && err.contains("[32, 3, 3, 3]"),
+        "{err}"
+    );
+}
+
+#[test]
+fn tensor_with_wrong_dtype() {
+    let mut t = fixture_tensors();
+    let stem = t
+        .iter_mut()
+        .find(|x| x.0 == "backbone.conv_stem.weight")
+        .unwrap();
+    stem.1 = Dtype::I16; // same byte size as f16, wrong type
+    let (_d, p) = tmp("bad_dtype.safetensors");
+    write_safetensors(&p, &t);
+    let o = detect_with_weights(&p);
+    assert_fails(&o, 3, "backbone.conv_stem.weight");
+    assert!(stderr(&o).contains("dtype"));
+}
+
+#[test]
+fn missing_tensor() {
+    let t: Vec<_> = fixture_tensors()
+        .into_iter()
+        .filter(|x| x.0 != "fpn.cell.1.fnode.4.combine.edge_weights")
+        .collect();
+    let (_d, p) = tmp("missing.safetensors");
+    write_safetensors(&p, &t);
+    assert_fails(
+        &detect_with_weights(&p),
+        3,
+        "missing tensor `fpn.cell.1.fnode.4.combine.edge_weights`",
+    );
+}
+
+#[test]
+fn unexpected_tensor() {
+    let mut t = fixture_tensors();
+    t.push((
+        "class_net.extra.weight".into(),
+        Dtype::F32,
+        vec![2],
+        vec![0; 8],
+    ));
+    let (_d, p) = tmp("extra.safetensors");
+    write_safetensors(&p, &t);
+    assert_fails(&detect_with_weights(&p), 3, "class_net.extra.weight");
+}
+
+#[test]
+fn missing_image() {
+    let o = effdet(&[
+        "detect",
+        "--weights",
+        WEIGHTS,
+        "--image",
+        "no/such/image.png",
+    ]);
+    assert_fails(&o, 4, "no/such/image.png");
+}
+
+#[test]
+fn unsupported_image_format() {
+    let (_d, p) = tmp("image.bmp");
+    // A valid 1x1 BMP: recognisable, but not PNG or JPEG.
+    let mut bmp = b"BM".to_vec();
+    bmp.extend_from_slice(&[
+        58, 0, 0, 0, 0, 0, 0, 0, 54, 0, 0, 0, 40, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1, 0, 24, 0,
+    ]);
+    bmp.extend_from_slice(&[0; 24]);
+    bmp.extend_from_slice(&[255, 0, 0, 0]);
+    std::fs::write(&p, bmp).unwrap();
+    let o = effdet(&[
+        "detect",
+        "--weights",
+        WEIGHTS,
+        "--image",
+        p.to_str().unwrap(),
+    ]);
+    assert_fails(&o, 4, "not supported");
+
+    std::fs::write(&p, b"just some text, not an image").unwrap();
+    let o = effdet(&[
+        "detect",
+        "--weights",
+        WEIGHTS,
+        "--image",
+        p.to_str().unwrap(),
+    ]);
+    assert_fails(&o, 4, "not a PNG or JPEG");
+}
+
+#[test]
+fn truncated_image() {
+    let bytes = std::fs::read(IMAGE).unwrap();
+    let (_d, p) = tmp("cut.png");
+    std::fs::write(&p, &bytes[..bytes.len() / 3]).unwrap();
+    let o = effdet(&[
+        "detect",
+        "--weights",
+        WEIGHTS,
+        "--image",
+        p.to_str().unwrap(),
+    ]);
+    assert_fails(&o, 4, "cannot decode");
+}
+
+/// CRC-32 (PNG chunk checksums), to build a PNG whose header declares zero width.
+fn crc32(data: &[u8]) -> u32 {
+    let mut c = 0xffff_ffffu32;
+    for &b in data {
+        c ^= b as u32;
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                0xedb8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+        }
+    }
+    !c
+}
+
+#[test]
+fn zero_size_image() {
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut ihdr = b"IHDR".to_vec();
+    ihdr.extend_from_slice(&0u32.to_be_bytes()); // width 0
+    ihdr.extend_from_slice(&1u32.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    png.extend_from_slice(&13u32.to_be_bytes());
+    png.extend_from_slice(&ihdr);
+    png.extend_from_slice(&crc32(&ihdr).to_be_bytes());
+    png.extend_from_slice(&[0, 0, 0, 0]);
+    png.extend_from_slice(b"IEND");
+    png.extend_from_slice(&crc32(b"IEND").to_be_bytes());
+    let (_d, p) = tmp("zero.png");
+    std::fs::write(&p, png).unwrap();
+    let o = effdet(&[
+        "detect",
+        "--weights",
+        WEIGHTS,
+        "--image",
+        p.to_str().unwrap(),
+    ]);
+    assert_fails(&o, 4, "zero.png");
+}
+
+#[test]
+fn out_of_range_arguments() {
+    let o = effdet(&[
+        "detect",
+        "--weights",
+        WEIGHTS,
+        "--image",
+        IMAGE,
+        "--score-threshold",
+        "1.5",
+    ]);
+    assert_fails(&o, 2, "--score-threshold");
+    let o = effdet(&["bench", "--weights", WEIGHTS, "--batch", "0"]);
+    assert_fails(&o, 2, "--batch");
+    let o = effdet(&[
+        "detect",
+        "--weights",
+        WEIGHTS,
+        "--image",
+        IMAGE,
+        "--backend",
+        "cuda",
+    ]);
+    assert_fails(&o, 1, "cuda");
+    let o = effdet(&[
+        "detect",
+        "--weights",
+        WEIGHTS,
+        "--image",
+        IMAGE,
+        "--labels",
+        "no/labels.txt",
+    ]);
+    assert_fails(&o, 1, "no/labels.txt");
+}
