@@ -19,9 +19,11 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-# The PyTorch peer lives in a private virtual environment (created on first use).
-PY=.venv/bin/python
+# The PyTorch peer lives in a private virtual environment (created on first use), or in the
+# Python named by EFFDET_BENCH_PYTHON if it already has effdet and safetensors.
+PY="${EFFDET_BENCH_PYTHON:-.venv/bin/python}"
 if ! [ -x "$PY" ] || ! "$PY" -c "import effdet, safetensors" 2>/dev/null; then
+  PY=.venv/bin/python
   echo "== creating .venv with effdet (PyTorch peer)"
   python3 -m venv .venv
   .venv/bin/pip install -q -r tools/requirements.txt
@@ -57,7 +59,9 @@ md = f"""# CPU: effdet-rs vs PyTorch effdet ({res['date']})
 
 - machine: {cpu}, {os.cpu_count()} cores; {res['machine']['os']}
 - commit: {res['commit']}; command: `{cmd}`
-- both: batch 1, {ours['threads']} threads, same weights and image, median of {sys.argv[4] and ''}timed iterations after warm-up
+- both: batch 1, {ours['threads']} threads, same weights and image; median and p90 over timed iterations after warm-up
+- network = raw per-level outputs from a normalised input; end to end = decoded RGB image in, detections out
+  (ours: letterbox + network + NMS; PyTorch: effdet's eval transforms (PIL) + model + DetBenchPredict)
 - PyTorch {peer['torch']}, effdet {peer['effdet']}
 
 | per image (ms) | ours median | ours p90 | PyTorch median | PyTorch p90 | ratio (ours / PyTorch) |

@@ -12,6 +12,32 @@
 //! - [`detector`]: the user-facing [`Detector`] tying it all together.
 //!
 //! See `docs/ARCHITECTURE.md` for how a frame flows through these modules.
+//!
+//! ```no_run
+//! use effdet::{Detector, DetectorOptions, Frame, PixelFormat};
+//!
+//! # fn main() -> effdet::Result<()> {
+//! let detector = Detector::new("models/tf_efficientdet_d0.safetensors", DetectorOptions::default())?;
+//! let (width, height) = (640, 480);
+//! let rgb = vec![0u8; width * height * 3];
+//! let frame = Frame::packed(PixelFormat::Rgb, width, height, &rgb)?;
+//! for d in detector.detect(&frame)? {
+//!     println!("{} {:.2} [{}, {}, {}, {}]", d.label, d.score, d.x1, d.y1, d.x2, d.y2);
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Frames are validated when built, so a buffer shorter than its description is an error:
+//!
+//! ```
+//! use effdet::{Error, Frame, PixelFormat};
+//!
+//! let nv12 = vec![0u8; 64 * 48 * 3 / 2];
+//! assert!(Frame::packed(PixelFormat::Nv12, 64, 48, &nv12).is_ok());
+//! let short = &nv12[..1000];
+//! assert!(matches!(Frame::packed(PixelFormat::Nv12, 64, 48, short), Err(Error::InvalidFrame(_))));
+//! ```
 
 pub mod compute;
 pub mod detection;

@@ -290,27 +290,7 @@ fn depthwise(
                 for (r, src) in plane.chunks_exact(w).enumerate() {
                     padded[(r + pt) * pw + pl..(r + pt) * pw + pl + w].copy_from_slice(src);
                 }
-                for oy in 0..oh {
-                    let orow = &mut out[oy * ow..(oy + 1) * ow];
-                    for ky in 0..kh {
-                        let irow = &padded[(oy * stride + ky) * pw..(oy * stride + ky + 1) * pw];
-                        for kx in 0..kw {
-                            let wv = k[ky * kw + kx];
-                            match stride {
-                                1 => simd::axpy(orow, wv, &irow[kx..kx + ow]),
-                                2 => simd::axpy_stride2(orow, wv, &irow[kx..kx + 2 * ow - 1]),
-                                _ => {
-                                    for (ox, o) in orow.iter_mut().enumerate() {
-                                        *o += wv * irow[ox * stride + kx];
-                                    }
-                                }
-                            }
-                        }
-                    }
-                    if b != 0.0 || act != Activation::None {
-                        simd::bias_act(orow, b, act);
-                    }
-                }
+                simd::depthwise_plane(padded, pw, k, kh, kw, stride, out, ow, b, act);
             },
         );
 }

@@ -109,23 +109,52 @@ dispatch! {
 }
 
 dispatch! {
-    /// `out += w * src` (a scaled row accumulation, the depthwise inner loop for stride 1).
-    pub(crate) fn axpy(out: &mut [f32], w: f32, src: &[f32]) {
-        let n = out.len().min(src.len());
-        let (out, src) = (&mut out[..n], &src[..n]);
-        for i in 0..n {
-            out[i] += w * src[i];
-        }
-    }
-}
-
-dispatch! {
-    /// `out[i] += w * src[2 * i]` (depthwise inner loop for stride 2).
-    pub(crate) fn axpy_stride2(out: &mut [f32], w: f32, src: &[f32]) {
-        let n = out.len().min(src.len().div_ceil(2));
-        let out = &mut out[..n];
-        for i in 0..n {
-            out[i] += w * src[2 * i];
+    /// One depthwise-convolution output plane from a zero-padded input plane (row length `pw`):
+    /// each output row accumulates `kh * kw` shifted input rows, then gets `act(. + bias)` while it
+    /// is still in L1. One dispatch per plane keeps the per-row loops inlined in the AVX2 code.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn depthwise_plane(
+        padded: &[f32],
+        pw: usize,
+        k: &[f32],
+        kh: usize,
+        kw: usize,
+        stride: usize,
+        out: &mut [f32],
+        ow: usize,
+        bias: f32,
+        act: Activation
+    ) {
+        for (oy, orow) in out.chunks_exact_mut(ow).enumerate() {
+            for ky in 0..kh {
+                let start = (oy * stride + ky) * pw;
+                let irow = &padded[start..start + pw];
+                for kx in 0..kw {
+                    let wv = k[ky * kw + kx];
+                    if stride == 1 {
+                        let src = &irow[kx..kx + ow];
+                        for i in 0..ow {
+                            orow[i] += wv * src[i];
+                        }
+                    } else {
+                        for i in 0..ow {
+                            orow[i] += wv * irow[i * stride + kx];
+                        }
+                    }
+                }
+            }
+            match act {
+                Activation::None => {
+                    for v in orow.iter_mut() {
+                        *v += bias;
+                    }
+                }
+                _ => {
+                    for v in orow.iter_mut() {
+                        *v = activate(act, *v + bias);
+                    }
+                }
+            }
         }
     }
 }
