@@ -6,6 +6,7 @@ PIL resize + pad + normalise, the model, and DetBenchPredict's post-processing).
 Prints one JSON object with the same fields as `effdet bench --json`.
 """
 import argparse
+import importlib.metadata
 import json
 import statistics
 import time
@@ -83,7 +84,7 @@ def main():
     print(json.dumps({
         "backend": "pytorch-effdet-cpu",
         "torch": torch.__version__,
-        "effdet": effdet.__version__,
+        "effdet": importlib.metadata.version("effdet"),
         "batch": a.batch,
         "threads": a.threads,
         "network_ms_median": statistics.median(network),

@@ -271,6 +271,10 @@ fn depthwise(
     } = *g;
     let c = weight.shape()[0];
     let (ph, pw) = (h + pt + pb, w + pl + pr);
+    let layout = simd::PaddedPlane {
+        row: pw,
+        even: pw.div_ceil(2),
+    };
     let xd = x.data();
     let wd = weight.data();
     let bd = bias.map(|b| b.data());
@@ -283,14 +287,18 @@ fn depthwise(
                 let plane = &xd[p * h * w..(p + 1) * h * w];
                 let k = &wd[(p % c) * kh * kw..(p % c + 1) * kh * kw];
                 let b = bd.map_or(0.0, |b| b[p % c]);
-                if padded.len() != ph * pw {
-                    padded.resize(ph * pw, 0.0);
-                }
-                // Borders stay zero across reuse: only the interior is ever written.
+                // Borders stay zero across reuse: only interior positions are ever written.
                 for (r, src) in plane.chunks_exact(w).enumerate() {
-                    padded[(r + pt) * pw + pl..(r + pt) * pw + pl + w].copy_from_slice(src);
+                    let row = &mut padded[(r + pt) * pw..(r + pt + 1) * pw];
+                    if stride == 2 {
+                        for (col, &v) in src.iter().enumerate() {
+                            row[layout.column(col + pl, 2)] = v;
+                        }
+                    } else {
+                        row[pl..pl + w].copy_from_slice(src);
+                    }
                 }
-                simd::depthwise_plane(padded, pw, k, kh, kw, stride, out, ow, b, act);
+                simd::depthwise_plane(padded, layout, k, kh, kw, stride, out, ow, b, act);
             },
         );
 }

@@ -71,29 +71,7 @@ macro_rules! dispatch {
 dispatch! {
     /// `v = act(v + bias)` over a slice.
     pub(crate) fn bias_act(v: &mut [f32], bias: f32, act: Activation) {
-        match act {
-            Activation::None => {
-                for x in v.iter_mut() {
-                    *x += bias;
-                }
-            }
-            Activation::Swish => {
-                for x in v.iter_mut() {
-                    let y = *x + bias;
-                    *x = y / (1.0 + exp(-y));
-                }
-            }
-            Activation::Sigmoid => {
-                for x in v.iter_mut() {
-                    *x = 1.0 / (1.0 + exp(-(*x + bias)));
-                }
-            }
-            Activation::Relu => {
-                for x in v.iter_mut() {
-                    *x = (*x + bias).max(0.0);
-                }
-            }
-        }
+        bias_act_inline(v, bias, act)
     }
 }
 
@@ -108,14 +86,69 @@ dispatch! {
     }
 }
 
+/// `v = act(v + bias)`, the activation hoisted out of the loop.
+#[inline(always)]
+fn bias_act_inline(v: &mut [f32], bias: f32, act: Activation) {
+    match act {
+        Activation::None => {
+            for x in v.iter_mut() {
+                *x += bias;
+            }
+        }
+        Activation::Swish => {
+            for x in v.iter_mut() {
+                let y = *x + bias;
+                *x = y / (1.0 + exp(-y));
+            }
+        }
+        Activation::Sigmoid => {
+            for x in v.iter_mut() {
+                *x = 1.0 / (1.0 + exp(-(*x + bias)));
+            }
+        }
+        Activation::Relu => {
+            for x in v.iter_mut() {
+                *x = (*x + bias).max(0.0);
+            }
+        }
+    }
+}
+
+/// Layout of the padded input plane handed to [`depthwise_plane`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PaddedPlane {
+    /// Elements per padded row.
+    pub row: usize,
+    /// For stride 2, each row is stored de-interleaved: the even columns (`even` of them) first,
+    /// then the odd ones, so every tap reads a contiguous run.
+    pub even: usize,
+}
+
+impl PaddedPlane {
+    /// Where padded column `col` of a row lives, for the given stride.
+    #[inline(always)]
+    pub(crate) fn column(self, col: usize, stride: usize) -> usize {
+        if stride == 2 {
+            if col % 2 == 0 {
+                col / 2
+            } else {
+                self.even + col / 2
+            }
+        } else {
+            col
+        }
+    }
+}
+
 dispatch! {
-    /// One depthwise-convolution output plane from a zero-padded input plane (row length `pw`):
-    /// each output row accumulates `kh * kw` shifted input rows, then gets `act(. + bias)` while it
-    /// is still in L1. One dispatch per plane keeps the per-row loops inlined in the AVX2 code.
+    /// One depthwise-convolution output plane from a zero-padded input plane: each output row
+    /// accumulates `kh * kw` shifted input rows, then gets `act(. + bias)` while it is still in
+    /// L1. Strides 1 and 2 read contiguous runs (see [`PaddedPlane`]); one dispatch per plane keeps
+    /// the row loops inlined in the AVX2 build.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn depthwise_plane(
         padded: &[f32],
-        pw: usize,
+        layout: PaddedPlane,
         k: &[f32],
         kh: usize,
         kw: usize,
@@ -127,34 +160,24 @@ dispatch! {
     ) {
         for (oy, orow) in out.chunks_exact_mut(ow).enumerate() {
             for ky in 0..kh {
-                let start = (oy * stride + ky) * pw;
-                let irow = &padded[start..start + pw];
+                let start = (oy * stride + ky) * layout.row;
+                let irow = &padded[start..start + layout.row];
                 for kx in 0..kw {
                     let wv = k[ky * kw + kx];
-                    if stride == 1 {
-                        let src = &irow[kx..kx + ow];
-                        for i in 0..ow {
-                            orow[i] += wv * src[i];
+                    if stride <= 2 {
+                        let at = layout.column(kx, stride);
+                        let src = &irow[at..at + ow];
+                        for (o, &v) in orow.iter_mut().zip(src) {
+                            *o += wv * v;
                         }
                     } else {
-                        for i in 0..ow {
-                            orow[i] += wv * irow[i * stride + kx];
+                        for (i, o) in orow.iter_mut().enumerate() {
+                            *o += wv * irow[i * stride + kx];
                         }
                     }
                 }
             }
-            match act {
-                Activation::None => {
-                    for v in orow.iter_mut() {
-                        *v += bias;
-                    }
-                }
-                _ => {
-                    for v in orow.iter_mut() {
-                        *v = activate(act, *v + bias);
-                    }
-                }
-            }
+            bias_act_inline(orow, bias, act);
         }
     }
 }
