@@ -7,6 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+CMD="$0 $*"
 THREADS=2; ITERS=20; WEIGHTS=tests/fixtures/golden/weights_f16.safetensors
 IMAGE=tests/fixtures/golden/img0.png
 while [ $# -gt 0 ]; do
@@ -38,7 +39,7 @@ peer=$("$PY" bench/pytorch_effdet.py --weights "$WEIGHTS" --image "$IMAGE" --thr
 mkdir -p bench/results
 stamp=$(date -u +%Y-%m-%d)
 out=bench/results/cpu_vs_pytorch-$stamp
-"$PY" - "$ours" "$peer" "$out" "$0 $*" <<'PY'
+"$PY" - "$ours" "$peer" "$out" "$CMD" <<'PY'
 import json, os, platform, subprocess, sys, datetime
 ours, peer, out, cmd = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
 def sh(c):

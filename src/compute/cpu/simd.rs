@@ -129,7 +129,7 @@ impl PaddedPlane {
     #[inline(always)]
     pub(crate) fn column(self, col: usize, stride: usize) -> usize {
         if stride == 2 {
-            if col % 2 == 0 {
+            if col.is_multiple_of(2) {
                 col / 2
             } else {
                 self.even + col / 2
