@@ -188,3 +188,82 @@ pub(super) fn upsample_nearest(x: &Tensor, oh: usize, ow: usize) -> Result<Tenso
         });
     Ok(y)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(shape: Vec<usize>, f: impl Fn(usize) -> f32) -> Tensor {
+        let n = shape.iter().product();
+        Tensor::new(shape, (0..n).map(f).collect()).unwrap()
+    }
+
+    #[test]
+    fn channel_affine_is_per_channel_batch_norm() {
+        let x = t(vec![2, 3, 2, 2], |i| i as f32 - 10.0);
+        let scale = t(vec![3], |c| 1.0 + c as f32);
+        let shift = t(vec![3], |c| -(c as f32));
+        let y = channel_affine(&x, &scale, &shift, Activation::Relu).unwrap();
+        for (i, (&yv, &xv)) in y.data().iter().zip(x.data()).enumerate() {
+            let c = (i / 4) % 3;
+            assert_eq!(yv, (xv * (1.0 + c as f32) - c as f32).max(0.0));
+        }
+        assert!(channel_affine(&x, &t(vec![2], |_| 1.0), &shift, Activation::None).is_err());
+    }
+
+    #[test]
+    fn global_pool_and_channel_scaling() {
+        let x = t(vec![2, 2, 3, 3], |i| i as f32);
+        let m = global_avg_pool(&x).unwrap();
+        assert_eq!(m.shape(), &[2, 2, 1, 1]);
+        assert_eq!(m.data(), &[4.0, 13.0, 22.0, 31.0]);
+        let s = t(vec![2, 2, 1, 1], |i| i as f32);
+        let y = scale_channels(&x, &s).unwrap();
+        for (i, (&yv, &xv)) in y.data().iter().zip(x.data()).enumerate() {
+            assert_eq!(yv, xv * (i / 9) as f32);
+        }
+        assert!(scale_channels(&x, &t(vec![3], |_| 1.0)).is_err());
+    }
+
+    #[test]
+    fn max_pool_same_pads_with_minus_infinity() {
+        // All-negative input: zero padding would leak 0 into border outputs; -inf must not.
+        let x = t(vec![1, 1, 5, 5], |i| -100.0 - i as f32);
+        let y = max_pool_same(&x, 3, 2).unwrap();
+        assert_eq!(y.shape(), &[1, 1, 3, 3]);
+        // SAME for 5 -> 3 with k3 s2: total pad 2, one each side. Output (0,0) covers rows/cols 0..1.
+        assert_eq!(y.data()[0], -100.0);
+        // Output (2,2) covers rows/cols 3..4 (5 is padding): max is element (3,3).
+        assert_eq!(y.data()[8], -100.0 - 18.0);
+        // Even size: 4 -> 2, total pad 1, all of it bottom/right.
+        let x = t(vec![1, 1, 4, 4], |i| i as f32);
+        let y = max_pool_same(&x, 3, 2).unwrap();
+        assert_eq!(y.data(), &[10.0, 11.0, 14.0, 15.0]);
+    }
+
+    #[test]
+    fn nearest_upsampling_follows_pytorch() {
+        let x = t(vec![1, 1, 2, 3], |i| i as f32);
+        let y = upsample_nearest(&x, 4, 6).unwrap();
+        assert_eq!(&y.data()[..6], &[0.0, 0.0, 1.0, 1.0, 2.0, 2.0]);
+        assert_eq!(&y.data()[18..], &[3.0, 3.0, 4.0, 4.0, 5.0, 5.0]);
+        // Non-integer ratio: src = floor(dst * in / out).
+        let y = upsample_nearest(&x, 2, 5).unwrap();
+        assert_eq!(&y.data()[..5], &[0.0, 0.0, 1.0, 1.0, 2.0]);
+    }
+
+    #[test]
+    fn weighted_sum_fuses_and_activates() {
+        let a = t(vec![1, 2, 70, 70], |i| (i % 13) as f32 - 6.0);
+        let b = t(vec![1, 2, 70, 70], |i| (i % 7) as f32);
+        let y = weighted_sum(&[&a, &b], &[0.25, 0.5], Activation::Swish).unwrap();
+        for ((&yv, &av), &bv) in y.data().iter().zip(a.data()).zip(b.data()) {
+            let s = 0.25 * av + 0.5 * bv;
+            let want = s / (1.0 + (-s as f64).exp() as f32);
+            assert!(
+                (yv - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                "{yv} vs {want}"
+            );
+        }
+    }
+}
