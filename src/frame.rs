@@ -130,8 +130,8 @@ pub struct Frame<'a> {
     format: PixelFormat,
     width: usize,
     height: usize,
-    data: &'a [u8],
-    offsets: [usize; 3],
+    /// Each plane's bytes, starting at its first row (unused planes are empty).
+    planes: [&'a [u8]; 3],
     strides: [usize; 3],
     matrix: YuvMatrix,
     range: YuvRange,
@@ -148,22 +148,54 @@ impl<'a> Frame<'a> {
         strides: &[usize],
         offsets: &[usize],
     ) -> Result<Self> {
+        if offsets.len() != format.num_planes() {
+            return Err(Error::InvalidFrame(format!(
+                "{format} has {} plane(s) but {} stride(s) and {} offset(s) were given",
+                format.num_planes(),
+                strides.len(),
+                offsets.len()
+            )));
+        }
+        let mut planes: [&'a [u8]; 3] = [&[]; 3];
+        for (p, &off) in offsets.iter().enumerate() {
+            planes[p] = data.get(off..).unwrap_or(&[]);
+        }
+        Self::from_planes(format, width, height, &planes[..offsets.len()], strides).map_err(|e| {
+            match e {
+                Error::InvalidFrame(msg) => {
+                    Error::InvalidFrame(format!("{msg} (buffer of {} bytes)", data.len()))
+                }
+                other => other,
+            }
+        })
+    }
+
+    /// A frame from one byte slice per plane (each starting at the plane's first row) and the
+    /// planes' row strides: what a mapped GStreamer video frame provides, where planes may live
+    /// in separate memories.
+    pub fn from_planes(
+        format: PixelFormat,
+        width: usize,
+        height: usize,
+        planes: &[&'a [u8]],
+        strides: &[usize],
+    ) -> Result<Self> {
         if width == 0 || height == 0 {
             return Err(Error::InvalidFrame(format!(
                 "{format} frame has zero size ({width}x{height})"
             )));
         }
-        let planes = format.num_planes();
-        if strides.len() != planes || offsets.len() != planes {
+        let n = format.num_planes();
+        if strides.len() != n || planes.len() != n {
             return Err(Error::InvalidFrame(format!(
-                "{format} has {planes} plane(s) but {} stride(s) and {} offset(s) were given",
+                "{format} has {n} plane(s) but {} stride(s) and {} plane buffer(s) were given",
                 strides.len(),
-                offsets.len()
+                planes.len()
             )));
         }
         let mut s = [0usize; 3];
-        let mut o = [0usize; 3];
-        for p in 0..planes {
+        let mut pl: [&'a [u8]; 3] = [&[]; 3];
+        for p in 0..n {
             let (row_bytes, rows) = format.plane_extent(p, width, height);
             if strides[p] < row_bytes {
                 return Err(Error::InvalidFrame(format!(
@@ -173,28 +205,25 @@ impl<'a> Frame<'a> {
             }
             let end = strides[p]
                 .checked_mul(rows - 1)
-                .and_then(|v| v.checked_add(row_bytes))
-                .and_then(|v| v.checked_add(offsets[p]));
+                .and_then(|v| v.checked_add(row_bytes));
             match end {
-                Some(end) if end <= data.len() => {}
+                Some(end) if end <= planes[p].len() => {}
                 _ => {
                     return Err(Error::InvalidFrame(format!(
-                        "{format} {width}x{height}: plane {p} (offset {}, stride {}, {rows} rows) needs more than the {} bytes given",
-                        offsets[p],
+                        "{format} {width}x{height}: plane {p} (stride {}, {rows} rows) needs more than the {} bytes given",
                         strides[p],
-                        data.len()
+                        planes[p].len()
                     )));
                 }
             }
             s[p] = strides[p];
-            o[p] = offsets[p];
+            pl[p] = planes[p];
         }
         Ok(Frame {
             format,
             width,
             height,
-            data,
-            offsets: o,
+            planes: pl,
             strides: s,
             matrix: YuvMatrix::default(),
             range: YuvRange::default(),
@@ -248,7 +277,7 @@ impl<'a> Frame<'a> {
     /// `y` must be below the plane's row count; validated frames make that the only precondition.
     pub fn row(&self, p: usize, y: usize) -> &'a [u8] {
         let (row_bytes, _) = self.format.plane_extent(p, self.width, self.height);
-        let start = self.offsets[p] + y * self.strides[p];
-        &self.data[start..start + row_bytes]
+        let start = y * self.strides[p];
+        &self.planes[p][start..start + row_bytes]
     }
 }
