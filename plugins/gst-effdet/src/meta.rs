@@ -82,9 +82,12 @@ pub fn read(buffer: &gst::BufferRef) -> Vec<MetaDetection> {
                 if let Ok(v) = p.get::<String>("label") {
                     d.label = v;
                 }
-                if let (Ok(x1), Ok(y1), Ok(x2), Ok(y2)) =
-                    (p.get::<f64>("x1"), p.get::<f64>("y1"), p.get::<f64>("x2"), p.get::<f64>("y2"))
-                {
+                if let (Ok(x1), Ok(y1), Ok(x2), Ok(y2)) = (
+                    p.get::<f64>("x1"),
+                    p.get::<f64>("y1"),
+                    p.get::<f64>("x2"),
+                    p.get::<f64>("y2"),
+                ) {
                     (d.x1, d.y1, d.x2, d.y2) = (x1, y1, x2, y2);
                 }
             }
