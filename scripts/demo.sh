@@ -1,25 +1,37 @@
 #!/usr/bin/env bash
-# The main job: build the effdet CLI in release mode and detect objects in an image.
+# The main job: annotate a video with the effdet GStreamer plugin.
 #
-# Usage: scripts/demo.sh [IMAGE] [WEIGHTS]
-#   IMAGE    PNG or JPEG (default: the bundled sample image)
-#   WEIGHTS  effdet-named safetensors (default: the bundled golden-test weights, see below)
-# Leaves out/detections.json and out/annotated.png.
+# Usage: scripts/demo.sh [INPUT_VIDEO] [WEIGHTS]
+#   INPUT_VIDEO  any file GStreamer's decodebin reads (default: a synthetic test video made here)
+#   WEIGHTS      effdet-named safetensors (default: the bundled golden-test weights, see below)
 #
-# No trained model ships yet: the bundled weights are the seeded random, BN-calibrated
-# weights of the golden tests, so the boxes are real network output but meaningless as
-# objects. For real detections convert the official tf_efficientdet_d0 checkpoint with
-# tools/pth_to_safetensors.py and pass it as WEIGHTS.
+# Installs missing system packages (GStreamer 1.22 and plugins, a C toolchain) and Rust if cargo
+# is missing, builds the plugin in release mode, runs
+#   filesrc ! decodebin ! videoconvert ! effdet ! effdetjson ! effdetoverlay ! videoconvert ! x264enc ! mp4mux
+# and leaves out/annotated.mp4, out/detections.jsonl and out/snapshot.png (one annotated frame).
+#
+# No trained model ships yet: the default weights are the golden tests' seeded random,
+# BN-calibrated weights, so the boxes are real network output but not real objects. For real
+# detections convert the official tf_efficientdet_d0 checkpoint (tools/pth_to_safetensors.py) and
+# pass it as WEIGHTS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-IMAGE="${1:-tests/fixtures/golden/img0.png}"
+INPUT="${1:-}"
 WEIGHTS="${2:-tests/fixtures/golden/weights_f16.safetensors}"
 
 need_apt=()
 command -v cc >/dev/null 2>&1 || need_apt+=(build-essential)
+command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl ca-certificates)
+command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
+for pkg in libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev gstreamer1.0-tools \
+           gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad \
+           gstreamer1.0-plugins-ugly gstreamer1.0-libav; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
+done
 if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "== installing system packages: ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
@@ -32,23 +44,52 @@ if ! command -v cargo >/dev/null 2>&1; then
   . "$HOME/.cargo/env"
 fi
 
-echo "== building effdet (release)"
-cargo build --release --locked --bin effdet
-mkdir -p out
-BIN=target/release/effdet
+echo "== building the GStreamer plugin (release)"
+cargo build --release --locked -p gst-effdet
+export GST_PLUGIN_PATH="$PWD/target/release${GST_PLUGIN_PATH:+:$GST_PLUGIN_PATH}"
+gst-inspect-1.0 effdet >/dev/null
 
-if [ "$WEIGHTS" = "tests/fixtures/golden/weights_f16.safetensors" ]; then
-  echo "== NOTE: using the golden-test weights (seeded random, BN-calibrated): boxes are not meaningful objects"
+mkdir -p out
+if [ -z "$INPUT" ]; then
+  INPUT=out/input.mp4
+  echo "== no input given: making a 5 s synthetic test video ($INPUT)"
+  gst-launch-1.0 -q -e videotestsrc num-buffers=150 pattern=ball ! \
+    video/x-raw,width=640,height=480,framerate=30/1 ! videoconvert ! \
+    x264enc tune=zerolatency ! mp4mux ! filesink location="$INPUT"
 fi
-echo "== detecting objects in $IMAGE"
+[ -f "$INPUT" ] || { echo "input video $INPUT not found" >&2; exit 2; }
+[ -f "$WEIGHTS" ] || { echo "weights $WEIGHTS not found" >&2; exit 2; }
+if [ "$WEIGHTS" = "tests/fixtures/golden/weights_f16.safetensors" ]; then
+  echo "== NOTE: model = the golden-test weights (seeded random, BN-calibrated): the boxes are"
+  echo "         real network output but do not mark real objects. See README > Weights."
+fi
+
+echo "== annotating $INPUT"
+rm -f out/annotated.mp4 out/detections.jsonl out/snapshot.png
 start=$(date +%s.%N)
-"$BIN" detect --weights "$WEIGHTS" --image "$IMAGE" --score-threshold 0.3 --json \
-  --out out/annotated.png > out/detections.json
+gst-launch-1.0 -q -e filesrc location="$INPUT" ! decodebin ! videoconvert ! \
+  effdet model="$WEIGHTS" score-threshold=0.3 ! \
+  effdetjson location=out/detections.jsonl ! \
+  effdetoverlay ! videoconvert ! x264enc ! mp4mux ! filesink location=out/annotated.mp4
 end=$(date +%s.%N)
-"$BIN" detect --weights "$WEIGHTS" --image "$IMAGE" --score-threshold 0.3
+
+# One annotated frame as a picture (the 30th, or the last if the video is shorter).
+gst-launch-1.0 -q filesrc location=out/annotated.mp4 ! decodebin ! videoconvert ! \
+  identity eos-after=30 ! videoconvert ! pngenc ! \
+  multifilesink location=out/frame-%03d.png max-files=1 >/dev/null 2>&1 || true
+last=$(ls out/frame-*.png 2>/dev/null | tail -n 1 || true)
+[ -n "$last" ] && mv "$last" out/snapshot.png
+rm -f out/frame-*.png
+
 python3 - "$start" "$end" <<'PY'
-import json, sys
-dets = json.load(open("out/detections.json"))
-print(f"{len(dets)} detections written to out/detections.json; boxes drawn in out/annotated.png")
-print(f"wall time including model load: {float(sys.argv[2]) - float(sys.argv[1]):.2f} s")
+import collections, json, sys
+frames = [json.loads(l) for l in open("out/detections.jsonl")]
+secs = float(sys.argv[2]) - float(sys.argv[1])
+dets = [d for f in frames for d in f["detections"]]
+by_label = collections.Counter(d["label"] for d in dets)
+print(f"frames processed: {len(frames)}")
+print(f"frames per second: {len(frames) / secs:.1f} (wall time {secs:.1f} s, including decode and encode)")
+print(f"detections: {len(dets)} in all, {len(dets) / max(1, len(frames)):.1f} per frame")
+print("most frequent labels: " + ", ".join(f"{k} {v}" for k, v in by_label.most_common(5)))
+print("outputs: out/annotated.mp4, out/detections.jsonl, out/snapshot.png")
 PY
