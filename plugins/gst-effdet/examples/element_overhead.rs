@@ -107,8 +107,8 @@ fn main() -> AnyResult<()> {
             .ok_or("no appsrc")?;
         src.set_caps(Some(&caps));
         src.set_max_bytes(u64::MAX);
-        pipeline.set_state(gst::State::Paused)?;
-        let _ = pipeline.state(gst::ClockTime::from_seconds(30));
+        // The model loads in effdet's start(), which runs inside this call: it is not timed.
+        // (Waiting for PAUSED would wait forever: appsrc cannot preroll before data arrives.)
         pipeline.set_state(gst::State::Playing)?;
         let t = Instant::now();
         for b in &buffers {
