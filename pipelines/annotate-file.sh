@@ -33,5 +33,5 @@ setup
 run_gst "${SRC[@]}" ! queue ! videoconvert \
   ! effdet "model=$MODEL" "${EFFDET_OPTS[@]}" ! queue \
   ! effdetoverlay ! videoconvert \
-  ! x264enc speed-preset=veryfast ! mp4mux ! filesink "location=$OUT"
+  ! x264enc speed-preset=veryfast pass=quant quantizer=20 ! mp4mux ! filesink "location=$OUT"
 info "wrote $OUT"

@@ -37,7 +37,7 @@ if [ -z "$OUT" ]; then
 else
   run_gst "${PIPE[@]}" ! tee name=t \
     t. ! queue ! videoconvert ! autovideosink sync=false \
-    t. ! queue ! videoconvert ! x264enc tune=zerolatency speed-preset=veryfast \
+    t. ! queue ! videoconvert ! x264enc tune=zerolatency speed-preset=veryfast pass=quant quantizer=20 \
     ! mp4mux ! filesink "location=$OUT"
   info "wrote $OUT"
 fi

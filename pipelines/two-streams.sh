@@ -45,7 +45,7 @@ branch() {
     BRANCH+=(! effdetoverlay ! videoconvert ! autovideosink)
   else
     BRANCH+=(! effdetjson "location=$OUT_DIR/stream$k.jsonl" ! effdetoverlay ! videoconvert
-      ! x264enc speed-preset=veryfast ! mp4mux ! filesink "location=$OUT_DIR/stream$k.mp4")
+      ! x264enc speed-preset=veryfast pass=quant quantizer=20 ! mp4mux ! filesink "location=$OUT_DIR/stream$k.mp4")
   fi
 }
 branch 1 "${SRC1[@]}"

@@ -67,16 +67,17 @@ fi
 echo "== annotating $INPUT"
 rm -f out/annotated.mp4 out/detections.jsonl out/snapshot.png
 start=$(date +%s.%N)
+# The overlay's output goes both to the encoder and, once per second of video, to a PNG
+# (multifilesink keeps only the newest): the snapshot is the exact annotated frame, not a re-decode.
 gst-launch-1.0 -q -e filesrc location="$INPUT" ! decodebin ! videoconvert ! \
   effdet model="$WEIGHTS" score-threshold=0.3 ! \
   effdetjson location=out/detections.jsonl ! \
-  effdetoverlay ! videoconvert ! x264enc ! mp4mux ! filesink location=out/annotated.mp4
+  effdetoverlay ! tee name=t \
+  t. ! queue ! videoconvert ! x264enc speed-preset=veryfast pass=quant quantizer=20 ! \
+    mp4mux ! filesink location=out/annotated.mp4 \
+  t. ! queue ! videorate drop-only=true ! video/x-raw,framerate=1/1 ! videoconvert ! pngenc ! \
+    multifilesink location=out/frame-%03d.png max-files=1
 end=$(date +%s.%N)
-
-# One annotated frame as a picture (the 30th, or the last if the video is shorter).
-gst-launch-1.0 -q filesrc location=out/annotated.mp4 ! decodebin ! videoconvert ! \
-  identity eos-after=30 ! videoconvert ! pngenc ! \
-  multifilesink location=out/frame-%03d.png max-files=1 >/dev/null 2>&1 || true
 last=$(ls out/frame-*.png 2>/dev/null | tail -n 1 || true)
 [ -n "$last" ] && mv "$last" out/snapshot.png
 rm -f out/frame-*.png
