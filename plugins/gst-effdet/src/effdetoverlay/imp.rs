@@ -186,7 +186,7 @@ impl ObjectImpl for EffdetOverlay {
     }
 
     fn set_property(&self, _id: usize, value: &glib::Value, pspec: &glib::ParamSpec) {
-        let mut settings = self.settings.lock().unwrap();
+        let mut settings = self.settings.lock().unwrap_or_else(|e| e.into_inner());
         match pspec.name() {
             "line-width" => {
                 let v = value.get().expect("type checked upstream");
@@ -237,7 +237,7 @@ impl ObjectImpl for EffdetOverlay {
     }
 
     fn property(&self, _id: usize, pspec: &glib::ParamSpec) -> glib::Value {
-        let settings = self.settings.lock().unwrap();
+        let settings = self.settings.lock().unwrap_or_else(|e| e.into_inner());
         match pspec.name() {
             "line-width" => settings.line_width.to_value(),
             "text-scale" => settings.text_scale.to_value(),
@@ -320,7 +320,7 @@ impl VideoFilterImpl for EffdetOverlay {
         &self,
         frame: &mut gst_video::VideoFrameRef<&mut gst::BufferRef>,
     ) -> Result<gst::FlowSuccess, gst::FlowError> {
-        let settings = *self.settings.lock().unwrap();
+        let settings = *self.settings.lock().unwrap_or_else(|e| e.into_inner());
 
         let detections = meta::read(frame.buffer());
         if detections.is_empty() {
