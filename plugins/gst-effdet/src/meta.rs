@@ -44,17 +44,21 @@ pub fn attach(buffer: &mut gst::BufferRef, d: &effdet::Detection, width: u32, he
         &d.label,
         (x1, y1, x2.saturating_sub(x1), y2.saturating_sub(y1)),
     );
-    meta.add_param(
-        gst::Structure::builder(DETECTION_PARAM)
-            .field("label", &d.label)
-            .field("class-id", d.class_id)
-            .field("confidence", d.score as f64)
-            .field("x1", d.x1 as f64)
-            .field("y1", d.y1 as f64)
-            .field("x2", d.x2 as f64)
-            .field("y2", d.y2 as f64)
-            .build(),
-    );
+    meta.add_param(detection_structure(d));
+}
+
+/// The `detection` structure for `d` (label, class-id, confidence, x1..y2): the ROI meta's
+/// parameter, and also what `effdet`'s bus messages list per detection.
+pub fn detection_structure(d: &effdet::Detection) -> gst::Structure {
+    gst::Structure::builder(DETECTION_PARAM)
+        .field("label", &d.label)
+        .field("class-id", d.class_id)
+        .field("confidence", d.score as f64)
+        .field("x1", d.x1 as f64)
+        .field("y1", d.y1 as f64)
+        .field("x2", d.x2 as f64)
+        .field("y2", d.y2 as f64)
+        .build()
 }
 
 /// Reads every ROI meta on `buffer`, ours or another element's, in attachment order.

@@ -221,18 +221,10 @@ impl Effdet {
         dets: &[Detection],
         infer_ms: Option<f64>,
     ) {
-        let list = gst::List::new(dets.iter().map(|d| {
-            gst::Structure::builder("detection")
-                .field("label", &d.label)
-                .field("class-id", d.class_id)
-                .field("confidence", d.score as f64)
-                .field("x1", d.x1 as f64)
-                .field("y1", d.y1 as f64)
-                .field("x2", d.x2 as f64)
-                .field("y2", d.y2 as f64)
-                .build()
-                .to_send_value()
-        }));
+        let list = gst::List::new(
+            dets.iter()
+                .map(|d| meta::detection_structure(d).to_send_value()),
+        );
         let s = gst::Structure::builder("effdet")
             .field("frame", frame)
             .field_if_some("pts", pts)
