@@ -3,6 +3,7 @@
 //!
 //! Every op runs inside the backend's own rayon pool, so `--threads N` bounds the whole forward.
 
+pub mod backward;
 mod conv;
 mod ops;
 pub mod simd;
