@@ -6,6 +6,16 @@ cd "$(dirname "$0")/.."
 
 . scripts/ensure-deps.sh
 
+echo "== compile check: gst-effdet's GstAnalytics output (feature analytics, GStreamer >= 1.24)"
+if pkg-config --exists 'gstreamer-analytics-1.0 >= 1.24'; then
+  cargo check --locked -p gst-effdet --features analytics
+else
+  # Debian 12 ships GStreamer 1.22 without the analytics library: type-check against the Rust
+  # bindings only (nothing links, so nothing runs; run-time behaviour needs GStreamer >= 1.24).
+  SYSTEM_DEPS_GSTREAMER_ANALYTICS_1_0_NO_PKG_CONFIG=1 SYSTEM_DEPS_GSTREAMER_ANALYTICS_1_0_LIB=gstanalytics-1.0 \
+    cargo check --locked -p gst-effdet --features analytics
+fi
+
 echo "== cargo test (workspace; tests build with opt-level 3, see Cargo.toml)"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

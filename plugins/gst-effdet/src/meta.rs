@@ -61,6 +61,38 @@ pub fn detection_structure(d: &effdet::Detection) -> gst::Structure {
         .build()
 }
 
+/// With the `analytics` feature (GStreamer >= 1.24): also describes the detections with
+/// GstAnalytics, one `GstAnalyticsRelationMeta` holding one object-detection entry per detection
+/// (type = the label as a quark, the rounded box, location confidence = the score).
+#[cfg(feature = "analytics")]
+pub fn attach_analytics(
+    buffer: &mut gst::BufferRef,
+    dets: &[effdet::Detection],
+    width: u32,
+    height: u32,
+) -> Result<(), gst::glib::BoolError> {
+    use gst_analytics::AnalyticsRelationMetaODExt;
+    if dets.is_empty() {
+        return Ok(());
+    }
+    let mut rel = gst_analytics::AnalyticsRelationMeta::add(buffer);
+    for d in dets {
+        let x1 = d.x1.clamp(0.0, width as f32).floor() as i32;
+        let y1 = d.y1.clamp(0.0, height as f32).floor() as i32;
+        let x2 = d.x2.clamp(0.0, width as f32).ceil() as i32;
+        let y2 = d.y2.clamp(0.0, height as f32).ceil() as i32;
+        rel.add_od_mtd(
+            gst::glib::Quark::from_str(d.label.as_str()),
+            x1,
+            y1,
+            x2 - x1,
+            y2 - y1,
+            d.score,
+        )?;
+    }
+    Ok(())
+}
+
 /// Reads every ROI meta on `buffer`, ours or another element's, in attachment order.
 pub fn read(buffer: &gst::BufferRef) -> Vec<MetaDetection> {
     buffer

@@ -601,6 +601,10 @@ impl BaseTransformImpl for Effdet {
         for d in dets.iter() {
             meta::attach(buf, d, w, h);
         }
+        #[cfg(feature = "analytics")]
+        if let Err(e) = meta::attach_analytics(buf, &dets, w, h) {
+            gst::warning!(CAT, imp = self, "Cannot attach GstAnalytics metadata: {e}");
+        }
         if settings.post_messages {
             self.post_detections(frame_no, buf.pts(), &dets, infer_ms);
         }
