@@ -1,7 +1,9 @@
-//! Training-time pieces that sit after the network: effdet's anchor labeling (ground-truth boxes
-//! -> per-anchor class and box targets, [`labeler`]) and its detection loss with the analytic
-//! gradient of the loss with respect to every raw head output ([`loss`]), the starting point of
-//! the backward pass.
+//! Training: effdet's anchor labeling (ground-truth boxes -> per-anchor class and box targets,
+//! [`labeler`]) and its detection loss with the analytic gradient of the loss with respect to
+//! every raw head output ([`loss`]), the starting point of the backward pass; the optimizers,
+//! gradient clipping and loss scaling ([`optim`]), the learning-rate schedule ([`schedule`]), the
+//! weight EMA ([`ema`]) and the data-parallel communicator seam ([`dist`]).
+//! The per-op backward kernels live in [`crate::compute::cpu::backward`].
 //!
 //! Both reproduce effdet 0.4.1 (`effdet/anchors.py` `AnchorLabeler`, `effdet/object_detection/`,
 //! `effdet/loss.py` `DetectionLoss`) as `DetBenchTrain` calls them:
@@ -13,5 +15,9 @@
 //!   -> detection_loss                LossOutput: loss, class_loss, box_loss, d loss / d outputs
 //! ```
 
+pub mod dist;
+pub mod ema;
 pub mod labeler;
 pub mod loss;
+pub mod optim;
+pub mod schedule;
