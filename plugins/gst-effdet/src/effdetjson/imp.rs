@@ -275,14 +275,15 @@ impl ObjectImpl for EffdetJson {
                 gst::info!(CAT, imp = self, "location: {:?}", location);
                 self.settings().location = location;
             }
-            other => unimplemented!("property {other}"),
+            // GObject only passes the properties declared above; never panic regardless.
+            other => gst::warning!(CAT, imp = self, "Unknown property {other}"),
         }
     }
 
     fn property(&self, _id: usize, pspec: &glib::ParamSpec) -> glib::Value {
         match pspec.name() {
             "location" => self.settings().location.to_value(),
-            other => unimplemented!("property {other}"),
+            _ => glib::Value::from_type(pspec.value_type()),
         }
     }
 
