@@ -232,7 +232,8 @@ impl ObjectImpl for EffdetOverlay {
                 );
                 settings.show_labels = v;
             }
-            _ => unimplemented!(),
+            // GObject only passes the properties declared above; never panic regardless.
+            other => gst::warning!(CAT, imp = self, "Unknown property {other}"),
         }
     }
 
@@ -243,7 +244,7 @@ impl ObjectImpl for EffdetOverlay {
             "text-scale" => settings.text_scale.to_value(),
             "show-confidence" => settings.show_confidence.to_value(),
             "show-labels" => settings.show_labels.to_value(),
-            _ => unimplemented!(),
+            _ => glib::Value::from_type(pspec.value_type()),
         }
     }
 }
