@@ -12,6 +12,7 @@ use gst::glib;
 mod effdet;
 mod effdetjson;
 mod effdetoverlay;
+mod formats;
 pub mod meta;
 
 fn plugin_init(plugin: &gst::Plugin) -> Result<(), glib::BoolError> {

@@ -9,15 +9,15 @@ use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::Instant;
 
 use effdet::postprocess::PostprocessConfig;
-use effdet::{Detection, Detector, DetectorOptions, Frame, PixelFormat, YuvMatrix, YuvRange};
+use effdet::{Detection, Detector, DetectorOptions, Frame, YuvMatrix, YuvRange};
 use gst::glib;
 use gst::prelude::*;
 use gst::subclass::prelude::*;
 use gst_base::subclass::prelude::*;
-use gst_video::VideoFormat;
 use gst_video::prelude::*;
 
 use super::Backend;
+use crate::formats::{FORMATS, pixel_format};
 use crate::meta;
 
 static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
@@ -36,17 +36,6 @@ const DEFAULT_MAX_DETECTIONS: u32 = 100;
 const DEFAULT_INTERVAL: u32 = 1;
 const DEFAULT_POST_MESSAGES: bool = false;
 const DEFAULT_THREADS: u32 = 0;
-
-/// The formats the element accepts, in GStreamer's names (same list as `effdet::PixelFormat`).
-const FORMATS: [VideoFormat; 7] = [
-    VideoFormat::Rgb,
-    VideoFormat::Rgba,
-    VideoFormat::Rgbx,
-    VideoFormat::Bgrx,
-    VideoFormat::Bgra,
-    VideoFormat::Nv12,
-    VideoFormat::I420,
-];
 
 #[derive(Debug, Clone)]
 struct Settings {
@@ -123,19 +112,6 @@ fn parse_classes(s: &str) -> Result<Vec<u32>, String> {
                 .map_err(|_| format!("`{t}` is not a class id"))
         })
         .collect()
-}
-
-fn pixel_format(f: VideoFormat) -> Option<PixelFormat> {
-    Some(match f {
-        VideoFormat::Rgb => PixelFormat::Rgb,
-        VideoFormat::Rgba => PixelFormat::Rgba,
-        VideoFormat::Rgbx => PixelFormat::Rgbx,
-        VideoFormat::Bgrx => PixelFormat::Bgrx,
-        VideoFormat::Bgra => PixelFormat::Bgra,
-        VideoFormat::Nv12 => PixelFormat::Nv12,
-        VideoFormat::I420 => PixelFormat::I420,
-        _ => return None,
-    })
 }
 
 fn colorimetry(info: &gst_video::VideoInfo) -> (YuvMatrix, YuvRange) {

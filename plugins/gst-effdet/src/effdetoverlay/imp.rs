@@ -9,12 +9,12 @@ use gst::glib;
 use gst::prelude::*;
 use gst::subclass::prelude::*;
 use gst_base::subclass::prelude::*;
-use gst_video::VideoFormat;
 use gst_video::prelude::*;
 use gst_video::subclass::prelude::*;
 
 use super::draw::{self, Canvas, Chroma, Rect};
 use super::font;
+use crate::formats::FORMATS;
 use crate::meta::{self, MetaDetection};
 
 static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
@@ -36,17 +36,6 @@ const MAX_TEXT_SCALE: u32 = 16;
 /// Labels longer than this many characters are cut; a bar that long is wider than any frame at
 /// the smallest scale anyway.
 const MAX_LABEL_CHARS: usize = 256;
-
-/// The formats the element accepts (the same list `effdet` accepts).
-const FORMATS: [VideoFormat; 7] = [
-    VideoFormat::Rgb,
-    VideoFormat::Rgba,
-    VideoFormat::Rgbx,
-    VideoFormat::Bgrx,
-    VideoFormat::Bgra,
-    VideoFormat::Nv12,
-    VideoFormat::I420,
-];
 
 #[derive(Debug, Clone, Copy)]
 struct Settings {
