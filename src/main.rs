@@ -6,7 +6,6 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use effdet::compute::Tensor;
 use effdet::image_io::{draw_boxes, load_image, save_png};
 use effdet::postprocess::{NmsMethod, PostprocessConfig};
 use effdet::{BackendKind, Detector, DetectorOptions, Error, Frame, PixelFormat};
@@ -278,7 +277,6 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
         std::hint::black_box(detector.detect_batch(&frames)?);
         Ok(())
     })?;
-    let _: &Tensor = &input;
     let threads = effdet_threads(&a.model);
     if a.json {
         let o = serde_json::json!({

@@ -14,6 +14,20 @@ enum MaybeOwned<'a, T> {
     Owned(T),
 }
 
+impl<T> MaybeOwned<'_, T> {
+    /// The computed tensor; an error if the resample turned out to be the identity (a map
+    /// derived from another one, such as P6 from P5, must be new).
+    fn into_owned(self, what: &str) -> Result<T> {
+        match self {
+            MaybeOwned::Owned(t) => Ok(t),
+            MaybeOwned::Borrowed(_) => Err(Error::Shape {
+                op: "bifpn",
+                detail: format!("{what} resample produced no new tensor"),
+            }),
+        }
+    }
+}
+
 impl<T> Deref for MaybeOwned<'_, T> {
     type Target = T;
     fn deref(&self) -> &T {
@@ -204,25 +218,8 @@ impl<B: Backend> BiFpn<B> {
             op: "bifpn",
             detail: "no backbone features".into(),
         })?;
-        let p6 = self.p6.forward(be, p5)?;
-        let p6 = match p6 {
-            MaybeOwned::Owned(t) => t,
-            MaybeOwned::Borrowed(_) => {
-                return Err(Error::Shape {
-                    op: "bifpn",
-                    detail: "P6 resample produced no new tensor".into(),
-                });
-            }
-        };
-        let p7 = match self.p7.forward(be, &p6)? {
-            MaybeOwned::Owned(t) => t,
-            MaybeOwned::Borrowed(_) => {
-                return Err(Error::Shape {
-                    op: "bifpn",
-                    detail: "P7 resample produced no new tensor".into(),
-                });
-            }
-        };
+        let p6 = self.p6.forward(be, p5)?.into_owned("P6")?;
+        let p7 = self.p7.forward(be, &p6)?.into_owned("P7")?;
         feats.push(p6);
         feats.push(p7);
         for nodes in &self.cells {
