@@ -2,7 +2,8 @@
 //! [`labeler`]) and its detection loss with the analytic gradient of the loss with respect to
 //! every raw head output ([`loss`]), the starting point of the backward pass; the optimizers,
 //! gradient clipping and loss scaling ([`optim`]), the learning-rate schedule ([`schedule`]), the
-//! weight EMA ([`ema`]) and the data-parallel communicator seam ([`dist`]).
+//! weight EMA ([`ema`]), the data-parallel communicator seam ([`dist`]) and reverse-mode
+//! automatic differentiation over the CPU engine ([`tape`]).
 //! The per-op backward kernels live in [`crate::compute::cpu::backward`].
 //!
 //! Both reproduce effdet 0.4.1 (`effdet/anchors.py` `AnchorLabeler`, `effdet/object_detection/`,
@@ -21,3 +22,4 @@ pub mod labeler;
 pub mod loss;
 pub mod optim;
 pub mod schedule;
+pub mod tape;
