@@ -67,6 +67,14 @@ pub enum Error {
     /// An internal shape inconsistency between operations: a bug, reported instead of panicking.
     #[error("internal shape error in {op}: {detail}")]
     Shape { op: &'static str, detail: String },
+
+    /// A data-parallel collective or the launch environment failed.
+    #[error("distributed training: {0}")]
+    Distributed(#[from] crate::train::dist::DistError),
+
+    /// A training dataset or its annotations cannot be used.
+    #[error("annotations {path}: {reason}")]
+    Annotations { path: PathBuf, reason: String },
 }
 
 /// Result alias used throughout the library.

@@ -18,6 +18,8 @@ const EXIT_IMAGE: u8 = 4;
 const EXIT_OTHER: u8 = 1;
 /// Exit status for invalid arguments (clap uses the same for syntax errors).
 const EXIT_USAGE: u8 = 2;
+/// Exit status for unusable annotations (training data).
+const EXIT_DATA: u8 = 5;
 
 #[derive(Parser)]
 #[command(
@@ -25,7 +27,8 @@ const EXIT_USAGE: u8 = 2;
     version,
     about = "EfficientDet-D0 object detection (effdet-compatible weights, CPU engine)",
     after_help = "Exit status: 0 success, 2 bad command line or argument value, \
-                  3 weights file problem, 4 image problem, 1 other errors.\n\
+                  3 weights file problem, 4 image problem, 5 annotations problem, \
+                  1 other errors.\n\
                   Logging: set RUST_LOG=effdet=debug to see per-stage timings."
 )]
 struct Cli {
@@ -39,6 +42,35 @@ enum Command {
     Detect(DetectArgs),
     /// Measure per-image latency of the network alone and end to end.
     Bench(BenchArgs),
+    /// Compute the training loss of one batch (and optionally every parameter gradient), as
+    /// effdet's DetBenchTrain does: training-mode batch norm, drop-path off.
+    Loss(LossArgs),
+}
+
+#[derive(clap::Args)]
+struct LossArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Comma-separated images forming the batch (PNG or JPEG; letterboxed to the model's input
+    /// size as for inference).
+    #[arg(
+        long,
+        value_name = "A.png,B.png",
+        value_delimiter = ',',
+        required = true
+    )]
+    images: Vec<PathBuf>,
+    /// COCO-format annotations; images are matched by `file_name` (boxes `[x, y, w, h]` in
+    /// image pixels, COCO category ids = class ids 1..=90).
+    #[arg(long, value_name = "FILE")]
+    annotations: PathBuf,
+    /// Write d loss / d parameter for every trainable parameter (effdet key names) as
+    /// safetensors (f32).
+    #[arg(long, value_name = "FILE")]
+    grads_out: Option<PathBuf>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -118,6 +150,7 @@ fn exit_code(err: &anyhow::Error) -> u8 {
         // Images map their read errors to Error::Image, so a plain I/O error is the weights file.
         Some(Error::Io { .. }) => EXIT_WEIGHTS,
         Some(Error::InvalidArgument(_)) => EXIT_USAGE,
+        Some(Error::Annotations { .. }) => EXIT_DATA,
         _ => EXIT_OTHER,
     }
 }
@@ -131,6 +164,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Detect(a) => detect(a),
         Command::Bench(a) => bench(a),
+        Command::Loss(a) => loss(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -310,6 +344,83 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
             percentile(&e2e, 0.5),
             percentile(&e2e, 0.9)
         );
+    }
+    Ok(())
+}
+
+fn loss(a: LossArgs) -> anyhow::Result<()> {
+    use effdet::compute::Tensor;
+    use effdet::compute::cpu::CpuBackend;
+    use effdet::model::{EfficientDetConfig, WeightStore};
+    use effdet::train::coco::{CocoAnnotations, load_batch};
+    use effdet::train::loss::DetectionLoss;
+    use effdet::train::model::{TrainNet, TrainOptions};
+
+    if a.model.backend != "auto" && a.model.backend != "cpu" {
+        anyhow::bail!(Error::InvalidArgument(format!(
+            "--backend {}: training runs on the cpu backend only",
+            a.model.backend
+        )));
+    }
+    let config = EfficientDetConfig::d0();
+    let size = config.image_size.0;
+    let store = WeightStore::open(&a.model.weights)?;
+    let mut net = TrainNet::from_store(&store, config)?;
+    drop(store);
+    let anns = CocoAnnotations::open(&a.annotations)?;
+    let labeler = net.labeler()?;
+    let num_classes = net.config().num_classes;
+    let batch = load_batch(&a.images, &anns, size, &labeler)?;
+    let n = a.images.len();
+    let backend = CpuBackend::new(a.model.threads)?;
+    let opts = TrainOptions {
+        update_running_stats: false,
+        ..TrainOptions::default()
+    };
+    let stats = net.forward_backward(
+        &backend,
+        &batch.input,
+        &batch.labels,
+        &DetectionLoss::d0().with_num_classes(num_classes),
+        &opts,
+        None,
+    )?;
+    if let Some(out) = &a.grads_out {
+        let grads: std::collections::BTreeMap<String, Tensor> = net
+            .params()
+            .iter()
+            .map(|p| {
+                let g = p
+                    .grad
+                    .clone()
+                    .unwrap_or_else(|| Tensor::zeros(p.value.shape().to_vec()));
+                (p.name.clone(), g)
+            })
+            .collect();
+        effdet::train::optim::save_tensors(out, &grads)?;
+    }
+    if a.json {
+        let o = serde_json::json!({
+            "loss": stats.loss,
+            "class_loss": stats.class_loss,
+            "box_loss": stats.box_loss,
+            "num_positives": stats.num_positives,
+        });
+        println!("{o}");
+    } else {
+        println!(
+            "{} image(s), {} box(es): loss {:.6} = class {:.6} + 50 x box {:.6}; {} positive anchors; peak tape memory {:.1} MiB",
+            n,
+            batch.targets.iter().map(|t| t.boxes.len()).sum::<usize>(),
+            stats.loss,
+            stats.class_loss,
+            stats.box_loss,
+            stats.num_positives,
+            stats.peak_bytes as f64 / (1 << 20) as f64
+        );
+        if let Some(out) = &a.grads_out {
+            println!("gradients written to {}", out.display());
+        }
     }
     Ok(())
 }

@@ -107,6 +107,13 @@ impl WeightStore {
         self.tensors.values().map(|(_, d)| d.len()).sum()
     }
 
+    /// Every tensor's key and shape, in key order.
+    pub fn names(&self) -> impl Iterator<Item = (&str, &[usize])> {
+        self.tensors
+            .iter()
+            .map(|(k, (shape, _))| (k.as_str(), shape.as_slice()))
+    }
+
     /// The tensor `key`, which must have exactly `shape`. Marks it as used.
     pub fn take(&self, key: &str, shape: &[usize]) -> Result<Tensor> {
         let (actual, data) = self.tensors.get(key).ok_or_else(|| Error::MissingTensor {

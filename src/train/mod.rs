@@ -16,10 +16,12 @@
 //!   -> detection_loss                LossOutput: loss, class_loss, box_loss, d loss / d outputs
 //! ```
 
+pub mod coco;
 pub mod dist;
 pub mod ema;
 pub mod labeler;
 pub mod loss;
+pub mod model;
 pub mod optim;
 pub mod schedule;
 pub mod tape;

@@ -15,6 +15,7 @@ use crate::compute::cpu::CpuBackend;
 use crate::compute::cpu::backward::{self as bw, BatchNormCache};
 use crate::compute::{Activation, Backend, ConvSpec, Tensor};
 use crate::error::{Error, Result};
+use crate::train::dist::Communicator;
 
 /// A value on the tape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -37,6 +38,8 @@ enum Op {
         gamma: Var,
         beta: Var,
         cache: BatchNormCache,
+        /// Statistics (and the backward's sums) taken over all ranks.
+        synced: bool,
     },
     GlobalAvgPool {
         x: Var,
@@ -196,12 +199,42 @@ impl Tape {
         beta: Var,
         eps: f32,
     ) -> Result<(Var, BatchNormCache)> {
-        let (y, cache) = bw::batch_norm_train(
-            self.value(x)?,
-            self.value(gamma)?.data(),
-            self.value(beta)?.data(),
-            eps,
-        )?;
+        self.batch_norm_impl(x, gamma, beta, eps, None)
+    }
+
+    /// Synchronised batch norm (PyTorch's `SyncBatchNorm`): the batch statistics are those of
+    /// the union of all ranks' batches, gathered through `comm`. Every rank must build the same
+    /// graph, and the backward pass must be given a communicator of the same group
+    /// ([`Tape::backward_seeds`]).
+    pub fn batch_norm_synced(
+        &mut self,
+        x: Var,
+        gamma: Var,
+        beta: Var,
+        eps: f32,
+        comm: &mut dyn Communicator,
+    ) -> Result<(Var, BatchNormCache)> {
+        self.batch_norm_impl(x, gamma, beta, eps, Some(comm))
+    }
+
+    fn batch_norm_impl(
+        &mut self,
+        x: Var,
+        gamma: Var,
+        beta: Var,
+        eps: f32,
+        comm: Option<&mut dyn Communicator>,
+    ) -> Result<(Var, BatchNormCache)> {
+        let synced = comm.is_some();
+        let (y, cache) = {
+            let (xv, g, b) = (self.value(x)?, self.value(gamma)?, self.value(beta)?);
+            match comm {
+                Some(c) => bw::batch_norm_train_reduced(xv, g.data(), b.data(), eps, &mut |s| {
+                    all_reduce_f64(c, s)
+                })?,
+                None => bw::batch_norm_train(xv, g.data(), b.data(), eps)?,
+            }
+        };
         let rg = self.needs(&[x, gamma, beta])?;
         let out = self.push(
             Op::BatchNorm {
@@ -209,6 +242,7 @@ impl Tape {
                 gamma,
                 beta,
                 cache: cache.clone(),
+                synced,
             },
             y,
             rg,
@@ -300,22 +334,42 @@ impl Tape {
     /// Backpropagates `grad_out` (dL/d`out`) through the tape. Frees every non-leaf value on the
     /// way, so the tape can only run one backward pass (leaf values stay readable).
     pub fn backward(&mut self, out: Var, grad_out: Tensor) -> Result<Gradients> {
-        if self.value(out)?.shape() != grad_out.shape() {
-            return Err(Error::Shape {
-                op: "tape backward",
-                detail: format!(
-                    "gradient {:?} for a value of shape {:?}",
-                    grad_out.shape(),
-                    self.value(out)?.shape()
-                ),
-            });
-        }
+        self.backward_seeds(vec![(out, grad_out)], None)
+    }
+
+    /// Backpropagates from several outputs at once (`(output, dL/d output)` pairs, e.g. the ten
+    /// head outputs of a detector). `comm` is required when the tape holds synchronised batch
+    /// norms ([`Tape::batch_norm_synced`]); their backward gathers its sums through it.
+    pub fn backward_seeds(
+        &mut self,
+        seeds: Vec<(Var, Tensor)>,
+        mut comm: Option<&mut dyn Communicator>,
+    ) -> Result<Gradients> {
         let n = self.nodes.len();
         let mut grads: Vec<Option<Tensor>> = (0..n).map(|_| None).collect();
-        self.live_bytes += bytes(&grad_out);
+        let mut last = 0;
+        for (out, g) in seeds {
+            if self.value(out)?.shape() != g.shape() {
+                return Err(Error::Shape {
+                    op: "tape backward",
+                    detail: format!(
+                        "gradient {:?} for a value of shape {:?}",
+                        g.shape(),
+                        self.value(out)?.shape()
+                    ),
+                });
+            }
+            last = last.max(out.0);
+            match &mut grads[out.0] {
+                Some(acc) => add_into(acc, &g),
+                slot => {
+                    self.live_bytes += bytes(&g);
+                    *slot = Some(g);
+                }
+            }
+        }
         self.peak_bytes = self.peak_bytes.max(self.live_bytes);
-        grads[out.0] = Some(grad_out);
-        for i in (0..=out.0).rev() {
+        for i in (0..n.min(last + 1)).rev() {
             if matches!(self.nodes[i].op, Op::Leaf) || !self.nodes[i].requires_grad {
                 continue;
             }
@@ -323,19 +377,14 @@ impl Tape {
                 self.free(i);
                 continue;
             };
-            let contributions = self.node_backward(i, &g)?;
+            let contributions = self.node_backward(i, &g, &mut comm)?;
             self.live_bytes -= bytes(&g);
             for (v, t) in contributions {
                 if !self.nodes[v.0].requires_grad {
                     continue;
                 }
                 match &mut grads[v.0] {
-                    Some(acc) => {
-                        acc.data_mut()
-                            .iter_mut()
-                            .zip(t.data())
-                            .for_each(|(a, b)| *a += b);
-                    }
+                    Some(acc) => add_into(acc, &t),
                     slot => {
                         self.live_bytes += bytes(&t);
                         *slot = Some(t);
@@ -361,7 +410,12 @@ impl Tape {
     }
 
     /// The gradient contributions of node `i` to its inputs, given its output gradient `g`.
-    fn node_backward(&self, i: usize, g: &Tensor) -> Result<Vec<(Var, Tensor)>> {
+    fn node_backward(
+        &self,
+        i: usize,
+        g: &Tensor,
+        comm: &mut Option<&mut dyn Communicator>,
+    ) -> Result<Vec<(Var, Tensor)>> {
         Ok(match &self.nodes[i].op {
             Op::Leaf => Vec::new(),
             Op::Conv { x, w, b, spec } => {
@@ -378,9 +432,24 @@ impl Tape {
                 gamma,
                 beta,
                 cache,
+                synced,
             } => {
                 let gm = self.value(*gamma)?;
-                let r = bw::batch_norm_train_backward(self.value(*x)?, gm.data(), cache, g)?;
+                let xv = self.value(*x)?;
+                let r = if *synced {
+                    let c = comm.as_deref_mut().ok_or_else(|| {
+                        Error::InvalidArgument(
+                            "the tape holds synchronised batch norms: its backward pass needs \
+                             the communicator of their group"
+                                .into(),
+                        )
+                    })?;
+                    bw::batch_norm_train_backward_reduced(xv, gm.data(), cache, g, &mut |s| {
+                        all_reduce_f64(c, s)
+                    })?
+                } else {
+                    bw::batch_norm_train_backward(xv, gm.data(), cache, g)?
+                };
                 vec![
                     (*x, r.input),
                     (*gamma, Tensor::new(gm.shape().to_vec(), r.gamma)?),
@@ -420,4 +489,22 @@ impl Tape {
             Op::DropPath { x, keep, keep_prob } => vec![(*x, bw::drop_path(g, keep, *keep_prob)?)],
         })
     }
+}
+
+fn add_into(acc: &mut Tensor, t: &Tensor) {
+    acc.data_mut()
+        .iter_mut()
+        .zip(t.data())
+        .for_each(|(a, b)| *a += b);
+}
+
+/// Sums `sums` over the ranks of `comm` (the collective works in f32, so partial sums are
+/// rounded to f32 once before the reduction).
+fn all_reduce_f64(comm: &mut dyn Communicator, sums: &mut [f64]) -> Result<()> {
+    let mut buf: Vec<f32> = sums.iter().map(|&v| v as f32).collect();
+    comm.all_reduce_sum(&mut buf)?;
+    for (s, b) in sums.iter_mut().zip(buf) {
+        *s = b as f64;
+    }
+    Ok(())
 }

@@ -198,7 +198,15 @@ pub struct BatchNormCache {
     /// Biased variance (divided by N*H*W), as used to normalise.
     pub var: Vec<f32>,
     pub eps: f32,
+    /// Elements per channel the statistics were taken over (N * H * W, over all ranks when
+    /// synchronised); the running variance uses the unbiased `var * count / (count - 1)`.
+    pub count: usize,
 }
+
+/// Sums across data-parallel ranks for synchronised batch norm: called with per-channel partial
+/// sums (this rank's), it must replace them with the sums over all ranks. The identity for a
+/// single process.
+pub type ReduceSums<'a> = &'a mut dyn FnMut(&mut [f64]) -> Result<()>;
 
 /// Training-mode batch norm: normalise with the batch's per-channel mean and biased variance,
 /// then `gamma * x_hat + beta`. Returns the output and the statistics (PyTorch semantics).
@@ -208,6 +216,20 @@ pub fn batch_norm_train(
     beta: &[f32],
     eps: f32,
 ) -> Result<(Tensor, BatchNormCache)> {
+    batch_norm_train_reduced(x, gamma, beta, eps, &mut |_| Ok(()))
+}
+
+/// [`batch_norm_train`] whose statistics are those of the union of the batches of all ranks
+/// (PyTorch's `SyncBatchNorm`): `reduce` sums the per-channel partial sums (and the element
+/// count) over ranks, once for the mean and once for the variance, so the result equals a
+/// single rank holding every rank's batch up to the rounding of the reduction.
+pub fn batch_norm_train_reduced(
+    x: &Tensor,
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+    reduce: ReduceSums<'_>,
+) -> Result<(Tensor, BatchNormCache)> {
     let [n, c, h, w] = x.dims4("batch_norm_train")?;
     if gamma.len() != c || beta.len() != c {
         return Err(shape_err(
@@ -216,32 +238,46 @@ pub fn batch_norm_train(
         ));
     }
     let hw = h * w;
-    let count = (n * hw) as f64;
     let xd = x.data();
-    let stats: Vec<(f64, f64)> = (0..c)
+    let plane_sum = |ch: usize, f: &(dyn Fn(f64) -> f64 + Sync)| -> f64 {
+        (0..n)
+            .map(|b| {
+                xd[(b * c + ch) * hw..(b * c + ch + 1) * hw]
+                    .iter()
+                    .map(|&v| f(v as f64))
+                    .sum::<f64>()
+            })
+            .sum()
+    };
+    // Pass 1: sums and the element count -> mean.
+    let mut sums: Vec<f64> = (0..c)
+        .into_par_iter()
+        .map(|ch| plane_sum(ch, &|v| v))
+        .collect();
+    sums.push((n * hw) as f64);
+    reduce(&mut sums)?;
+    let count = sums[c];
+    if count < 1.0 {
+        return Err(shape_err("batch_norm_train", "empty batch".into()));
+    }
+    let mean: Vec<f64> = sums[..c].iter().map(|s| s / count).collect();
+    // Pass 2: squared deviations from the (global) mean -> biased variance.
+    let mut sq: Vec<f64> = (0..c)
         .into_par_iter()
         .map(|ch| {
-            let mut sum = 0f64;
-            for b in 0..n {
-                sum += xd[(b * c + ch) * hw..(b * c + ch + 1) * hw]
-                    .iter()
-                    .map(|&v| v as f64)
-                    .sum::<f64>();
-            }
-            let mean = sum / count;
-            let mut sq = 0f64;
-            for b in 0..n {
-                sq += xd[(b * c + ch) * hw..(b * c + ch + 1) * hw]
-                    .iter()
-                    .map(|&v| (v as f64 - mean).powi(2))
-                    .sum::<f64>();
-            }
-            (mean, sq / count)
+            let m = mean[ch];
+            plane_sum(ch, &move |v| (v - m) * (v - m))
         })
+        .collect();
+    reduce(&mut sq)?;
+    let stats: Vec<(f64, f64)> = mean
+        .iter()
+        .zip(&sq)
+        .map(|(&m, &s)| (m, s / count))
         .collect();
     let mut y = x.clone();
     y.data_mut()
-        .par_chunks_mut(hw)
+        .par_chunks_mut(hw.max(1))
         .enumerate()
         .for_each(|(p, plane)| {
             let ch = p % c;
@@ -257,6 +293,7 @@ pub fn batch_norm_train(
             mean: stats.iter().map(|s| s.0 as f32).collect(),
             var: stats.iter().map(|s| s.1 as f32).collect(),
             eps,
+            count: count as usize,
         },
     ))
 }
@@ -276,10 +313,34 @@ pub fn batch_norm_train_backward(
     cache: &BatchNormCache,
     grad_out: &Tensor,
 ) -> Result<BatchNormGrads> {
+    batch_norm_train_backward_reduced(x, gamma, cache, grad_out, &mut |_| Ok(()))
+}
+
+/// Backward of [`batch_norm_train_reduced`] (PyTorch's `SyncBatchNorm` backward): the means of
+/// `dy` and `dy * x_hat` in the input gradient are over all ranks (`reduce` sums them), while
+/// the returned gamma and beta gradients are this rank's own sums, which data-parallel gradient
+/// averaging then combines like every other parameter gradient.
+pub fn batch_norm_train_backward_reduced(
+    x: &Tensor,
+    gamma: &[f32],
+    cache: &BatchNormCache,
+    grad_out: &Tensor,
+    reduce: ReduceSums<'_>,
+) -> Result<BatchNormGrads> {
     check_same("batch_norm_train_backward", x, grad_out)?;
     let [n, c, h, w] = x.dims4("batch_norm_train_backward")?;
+    if gamma.len() != c || cache.mean.len() != c || cache.var.len() != c {
+        return Err(shape_err(
+            "batch_norm_train_backward",
+            format!(
+                "{c} channels, gamma {} / statistics {}",
+                gamma.len(),
+                cache.mean.len()
+            ),
+        ));
+    }
     let hw = h * w;
-    let count = (n * hw) as f64;
+    let count = cache.count as f64;
     let (xd, gd) = (x.data(), grad_out.data());
     let sums: Vec<(f64, f64)> = (0..c)
         .into_par_iter()
@@ -297,17 +358,21 @@ pub fn batch_norm_train_backward(
             (sg, sgx)
         })
         .collect();
+    let mut global: Vec<f64> = sums.iter().flat_map(|&(a, b)| [a, b]).collect();
+    reduce(&mut global)?;
     let mut gx = vec![0f32; x.len()];
-    gx.par_chunks_mut(hw).enumerate().for_each(|(p, out)| {
-        let ch = p % c;
-        let inv = 1.0 / (cache.var[ch] as f64 + cache.eps as f64).sqrt();
-        let (sg, sgx) = sums[ch];
-        let r = p * hw..(p + 1) * hw;
-        for ((o, &xv), &g) in out.iter_mut().zip(&xd[r.clone()]).zip(&gd[r]) {
-            let xh = (xv as f64 - cache.mean[ch] as f64) * inv;
-            *o = (gamma[ch] as f64 * inv * (g as f64 - sg / count - xh * sgx / count)) as f32;
-        }
-    });
+    gx.par_chunks_mut(hw.max(1))
+        .enumerate()
+        .for_each(|(p, out)| {
+            let ch = p % c;
+            let inv = 1.0 / (cache.var[ch] as f64 + cache.eps as f64).sqrt();
+            let (sg, sgx) = (global[2 * ch], global[2 * ch + 1]);
+            let r = p * hw..(p + 1) * hw;
+            for ((o, &xv), &g) in out.iter_mut().zip(&xd[r.clone()]).zip(&gd[r]) {
+                let xh = (xv as f64 - cache.mean[ch] as f64) * inv;
+                *o = (gamma[ch] as f64 * inv * (g as f64 - sg / count - xh * sgx / count)) as f32;
+            }
+        });
     Ok(BatchNormGrads {
         input: Tensor::new(x.shape().to_vec(), gx)?,
         gamma: sums.iter().map(|s| s.1 as f32).collect(),
