@@ -103,6 +103,19 @@ pub trait Communicator: Send {
         }
         Ok(())
     }
+    /// Replaces `data` on every rank by the element-wise f64 sum over ranks (for statistics
+    /// such as synchronised batch norm's, where f32 rounding of the partial sums is visible in
+    /// small, ill-conditioned layers). The default rounds each value to f32 and uses
+    /// [`Communicator::all_reduce_sum`]; implementations with an f64 collective (NCCL's
+    /// `ncclFloat64`, the thread group) override it with an exact rank-order sum.
+    fn all_reduce_sum_f64(&mut self, data: &mut [f64]) -> Result<()> {
+        let mut buf: Vec<f32> = data.iter().map(|&v| v as f32).collect();
+        self.all_reduce_sum(&mut buf)?;
+        for (d, b) in data.iter_mut().zip(buf) {
+            *d = b as f64;
+        }
+        Ok(())
+    }
     /// Copies `data` of rank `root` into `data` on every rank.
     fn broadcast(&mut self, data: &mut [f32], root: usize) -> Result<()>;
     /// Returns once every rank has called it.
@@ -121,6 +134,9 @@ impl Communicator for SingleProcess {
         1
     }
     fn all_reduce_sum(&mut self, _data: &mut [f32]) -> Result<()> {
+        Ok(())
+    }
+    fn all_reduce_sum_f64(&mut self, _data: &mut [f64]) -> Result<()> {
         Ok(())
     }
     fn broadcast(&mut self, _data: &mut [f32], root: usize) -> Result<()> {
@@ -351,6 +367,56 @@ impl Communicator for ThreadComm {
             data[range].copy_from_slice(&self.read(&self.shared.outputs[r])?);
         }
         Ok(())
+    }
+
+    /// An all-gather of the f64 values (carried bit-exactly as pairs of f32 bit patterns), then
+    /// every rank sums all ranks' values in rank order in f64: identical results everywhere.
+    /// Meant for short vectors (statistics), so the gather costs `world` times the data.
+    fn all_reduce_sum_f64(&mut self, data: &mut [f64]) -> Result<()> {
+        let world = self.shared.world;
+        if world == 1 {
+            return Ok(());
+        }
+        {
+            let mut input = self.write(&self.shared.inputs[self.rank])?;
+            input.clear();
+            for v in data.iter() {
+                let bits = v.to_bits();
+                input.push(f32::from_bits((bits >> 32) as u32));
+                input.push(f32::from_bits(bits as u32));
+            }
+        }
+        self.wait()?;
+        let lens = self.input_lens()?;
+        let result = if lens.iter().any(|&l| l != 2 * data.len()) {
+            Err(DistError::LengthMismatch {
+                op: "all_reduce_f64",
+                lens: lens.iter().map(|l| l / 2).collect(),
+            })
+        } else {
+            let inputs = self
+                .shared
+                .inputs
+                .iter()
+                .map(|l| self.read(l))
+                .collect::<Result<Vec<_>>>()?;
+            let decode = |buf: &[f32], i: usize| {
+                f64::from_bits(
+                    ((buf[2 * i].to_bits() as u64) << 32) | buf[2 * i + 1].to_bits() as u64,
+                )
+            };
+            for (i, d) in data.iter_mut().enumerate() {
+                let mut acc = decode(&inputs[0], i);
+                for input in &inputs[1..] {
+                    acc += decode(input, i);
+                }
+                *d = acc;
+            }
+            Ok(())
+        };
+        // Nobody may overwrite an input before everyone has read it.
+        self.wait()?;
+        result
     }
 
     fn broadcast(&mut self, data: &mut [f32], root: usize) -> Result<()> {

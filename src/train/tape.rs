@@ -498,13 +498,8 @@ fn add_into(acc: &mut Tensor, t: &Tensor) {
         .for_each(|(a, b)| *a += b);
 }
 
-/// Sums `sums` over the ranks of `comm` (the collective works in f32, so partial sums are
-/// rounded to f32 once before the reduction).
+/// Sums `sums` over the ranks of `comm` in f64.
 fn all_reduce_f64(comm: &mut dyn Communicator, sums: &mut [f64]) -> Result<()> {
-    let mut buf: Vec<f32> = sums.iter().map(|&v| v as f32).collect();
-    comm.all_reduce_sum(&mut buf)?;
-    for (s, b) in sums.iter_mut().zip(buf) {
-        *s = b as f64;
-    }
+    comm.all_reduce_sum_f64(sums)?;
     Ok(())
 }
