@@ -76,7 +76,7 @@ fn targets(net: &TrainNet, i: usize) -> LevelTargets {
         [4.0 + k, 6.0, 40.0 + 3.0 * k, 50.0 + k],
         [60.0, 50.0 - k, s - 2.0, s - 10.0 + k],
     ];
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         boxes.push([20.0, 70.0, 36.0 + k, 90.0]);
     }
     let classes: Vec<u32> = (0..boxes.len())
