@@ -45,6 +45,29 @@ enum Command {
     /// Compute the training loss of one batch (and optionally every parameter gradient), as
     /// effdet's DetBenchTrain does: training-mode batch norm, drop-path off.
     Loss(LossArgs),
+    /// Measure training-step time (forward, loss, backward, clipping, SGD) and peak memory.
+    BenchTrain(BenchTrainArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchTrainArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Square network input size (a multiple of 128).
+    #[arg(long, default_value_t = 512, value_name = "S")]
+    size: usize,
+    /// Images per step.
+    #[arg(long, default_value_t = 2, value_name = "B")]
+    batch: usize,
+    /// Timed steps (after warm-up).
+    #[arg(long, default_value_t = 5, value_name = "K")]
+    iters: usize,
+    /// Untimed warm-up steps.
+    #[arg(long, default_value_t = 1, value_name = "W")]
+    warmup: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -165,6 +188,7 @@ fn main() -> ExitCode {
         Command::Detect(a) => detect(a),
         Command::Bench(a) => bench(a),
         Command::Loss(a) => loss(a),
+        Command::BenchTrain(a) => bench_train(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -421,6 +445,109 @@ fn loss(a: LossArgs) -> anyhow::Result<()> {
         if let Some(out) = &a.grads_out {
             println!("gradients written to {}", out.display());
         }
+    }
+    Ok(())
+}
+
+/// Boxes of the training benchmark in a 512x512 frame (`[y1, x1, y2, x2]`, class): the same
+/// list as `bench/pytorch_train_step.py`, scaled to the input size.
+const BENCH_BOXES: [([f32; 4], u32); 5] = [
+    ([20.0, 280.0, 108.0, 430.0], 1),
+    ([0.0, 80.0, 200.0, 464.0], 3),
+    ([156.0, 392.0, 262.0, 462.0], 18),
+    ([334.0, 34.0, 384.0, 101.0], 44),
+    ([206.0, 232.0, 216.0, 241.0], 62),
+];
+
+/// Peak resident set size of this process (Linux `VmHWM`), bytes.
+fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn bench_train(a: BenchTrainArgs) -> anyhow::Result<()> {
+    use effdet::compute::Tensor;
+    use effdet::compute::cpu::CpuBackend;
+    use effdet::model::{EfficientDetConfig, WeightStore};
+    use effdet::train::loss::DetectionLoss;
+    use effdet::train::model::{TrainNet, TrainOptions};
+    use effdet::train::optim::{Optimizer, Sgd, clip_grad_norm};
+
+    if a.batch == 0 || a.iters == 0 || a.size == 0 || !a.size.is_multiple_of(128) {
+        anyhow::bail!(Error::InvalidArgument(
+            "--batch and --iters must be at least 1, --size a positive multiple of 128".into()
+        ));
+    }
+    let mut config = EfficientDetConfig::d0();
+    config.image_size = (a.size, a.size);
+    let store = WeightStore::open(&a.model.weights)?;
+    let mut net = TrainNet::from_store(&store, config)?;
+    drop(store);
+    let backend = CpuBackend::new(a.model.threads)?;
+    let (w, h, rgb) = synthetic_frame();
+    let frame = Frame::packed(PixelFormat::Rgb, w, h, &rgb)?;
+    let (chw, _) = effdet::preprocess::preprocess(&frame, a.size)?;
+    let input = Tensor::new(
+        vec![a.batch, 3, a.size, a.size],
+        chw.iter().copied().cycle().take(a.batch * chw.len()).collect(),
+    )?;
+    let labeler = net.labeler()?;
+    let k = a.size as f32 / 512.0;
+    let boxes: Vec<[f32; 4]> = BENCH_BOXES.iter().map(|(b, _)| b.map(|v| v * k)).collect();
+    let classes: Vec<u32> = BENCH_BOXES.iter().map(|(_, c)| *c).collect();
+    let targets = vec![labeler.label(&boxes, &classes)?; a.batch];
+    let loss_cfg = DetectionLoss::d0();
+    let opts = TrainOptions::default();
+    let mut sgd = Sgd::effdet(0.01);
+    let mut peak_tape = 0usize;
+    let mut times = Vec::with_capacity(a.iters);
+    let mut last_loss = 0f32;
+    for i in 0..a.warmup + a.iters {
+        let t = Instant::now();
+        net.params_mut().zero_grad();
+        let stats = net.forward_backward(&backend, &input, &targets, &loss_cfg, &opts, None)?;
+        backend.install(|| {
+            clip_grad_norm(net.params_mut(), 10.0);
+            sgd.step(net.params_mut())
+        })?;
+        let ms = t.elapsed().as_secs_f64() * 1000.0;
+        peak_tape = peak_tape.max(stats.peak_bytes);
+        last_loss = stats.loss;
+        if i >= a.warmup {
+            times.push(ms / a.batch as f64);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let threads = effdet_threads(&a.model);
+    let rss = peak_rss_bytes();
+    if a.json {
+        let o = serde_json::json!({
+            "backend": "cpu",
+            "size": a.size,
+            "batch": a.batch,
+            "threads": threads,
+            "step_ms_per_image_median": percentile(&times, 0.5),
+            "step_ms_per_image_min": times[0],
+            "step_ms_per_image_p90": percentile(&times, 0.9),
+            "peak_tape_bytes": peak_tape,
+            "peak_rss_bytes": rss,
+            "last_loss": last_loss,
+        });
+        println!("{o}");
+    } else {
+        println!(
+            "training step | {}x{} | batch {} | threads {} | {} timed steps",
+            a.size, a.size, a.batch, threads, a.iters
+        );
+        println!(
+            "per image: median {:.1} ms, p90 {:.1} ms; peak tape memory {:.0} MiB, peak RSS {}",
+            percentile(&times, 0.5),
+            percentile(&times, 0.9),
+            peak_tape as f64 / (1 << 20) as f64,
+            rss.map_or("unknown".into(), |b| format!("{:.0} MiB", b as f64 / (1 << 20) as f64))
+        );
     }
     Ok(())
 }
