@@ -491,7 +491,11 @@ fn bench_train(a: BenchTrainArgs) -> anyhow::Result<()> {
     let (chw, _) = effdet::preprocess::preprocess(&frame, a.size)?;
     let input = Tensor::new(
         vec![a.batch, 3, a.size, a.size],
-        chw.iter().copied().cycle().take(a.batch * chw.len()).collect(),
+        chw.iter()
+            .copied()
+            .cycle()
+            .take(a.batch * chw.len())
+            .collect(),
     )?;
     let labeler = net.labeler()?;
     let k = a.size as f32 / 512.0;
@@ -546,7 +550,10 @@ fn bench_train(a: BenchTrainArgs) -> anyhow::Result<()> {
             percentile(&times, 0.5),
             percentile(&times, 0.9),
             peak_tape as f64 / (1 << 20) as f64,
-            rss.map_or("unknown".into(), |b| format!("{:.0} MiB", b as f64 / (1 << 20) as f64))
+            rss.map_or("unknown".into(), |b| format!(
+                "{:.0} MiB",
+                b as f64 / (1 << 20) as f64
+            ))
         );
     }
     Ok(())

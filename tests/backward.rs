@@ -2,8 +2,12 @@
 //!
 //! For each op: an independent f64 reference forward, a loss `L = sum(r * y)` with random `r`
 //! (so dL/dy = r), central differences of L in f64, against the f32 backward kernel fed with `r`.
-//! Tolerance: relative L2 <= 1e-4 (the kernels compute in f32 with f64 accumulation; central
+//! Tolerance: relative L2 <= 1e-4 (the kernels compute in f32, accumulating in f64 or, in the
+//! convolution fast paths' GEMMs, in f32 over at most a few hundred terms at these sizes; central
 //! differences with h = 1e-6 in f64 are accurate to ~1e-9).
+//!
+//! The convolution fast paths are also compared with the f64 reference backward
+//! (`conv2d_backward_reference`) on the real D0 layer shapes, scaled down spatially.
 
 use effdet::compute::cpu::backward::*;
 use effdet::compute::{Activation, ConvSpec, Padding, Tensor};
@@ -363,6 +367,162 @@ fn bad_shapes_are_errors() {
     let w = Tensor::zeros(vec![3, 2, 3, 3]);
     let wrong = Tensor::zeros(vec![1, 3, 5, 5]);
     assert!(conv2d_backward(&x, &w, ConvSpec::same(Activation::None), &wrong).is_err());
+    assert!(conv2d_backward_reference(&x, &w, ConvSpec::same(Activation::None), &wrong).is_err());
     assert!(activation_backward(&x, Activation::Swish, &wrong).is_err());
     assert!(max_pool_same_backward(&x, 3, 2, &wrong).is_err());
+}
+
+/// Relative L2 error and largest absolute error of `got` against `want`.
+fn errors(got: &[f32], want: &[f32]) -> (f64, f64) {
+    assert_eq!(got.len(), want.len());
+    let (mut num, mut den, mut max_abs) = (0f64, 0f64, 0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        let d = (g as f64 - w as f64).abs();
+        num += d * d;
+        den += (w as f64).powi(2);
+        max_abs = max_abs.max(d);
+    }
+    ((num / den.max(1e-30)).sqrt(), max_abs)
+}
+
+/// Runs the fast [`conv2d_backward`] and [`conv2d_backward_reference`] on one shape with random
+/// inputs and output gradient, and compares the three gradients.
+///
+/// Tolerances: the reference accumulates in f64 and rounds once; the fast paths accumulate GEMM
+/// dot products in f32 (as PyTorch does) over up to `batch * H * W` terms for dW (2048 here).
+/// For random data the f32 rounding error of such sums grows like `sqrt(terms) * 2^-24` relative
+/// to their scale: the worst case measured over these shapes is 4e-7 relative L2 and 7e-7 max-abs
+/// (relative to the largest magnitude), both for dW. A bound of 1e-5 on both leaves a >10x margin
+/// (other thread counts and GEMM kernels round differently) while any indexing or padding mistake
+/// gives errors of order 1; the max-abs check makes sure a few wrong elements (say, one border
+/// pixel) cannot hide in the L2 norm of a large tensor.
+fn check_fast_against_reference(
+    what: &str,
+    [n, cin, cout, h, w]: [usize; 5],
+    k: usize,
+    stride: usize,
+    groups: usize,
+    padding: Padding,
+) {
+    let mut rng = Rng((n * 7 + cin * 131 + h * 17 + w + k * 5 + stride) as u64);
+    let x = t32(&[n, cin, h, w], &rng.vec(n * cin * h * w));
+    let wt = t32(
+        &[cout, cin / groups, k, k],
+        &rng.vec(cout * cin / groups * k * k),
+    );
+    let spec = ConvSpec {
+        stride,
+        groups,
+        padding,
+        act: Activation::None,
+    };
+    let (oh, _, _) = padding.resolve(h, k, stride, true);
+    let (ow, _, _) = padding.resolve(w, k, stride, false);
+    let dy = t32(&[n, cout, oh, ow], &rng.vec(n * cout * oh * ow));
+    let fast = conv2d_backward(&x, &wt, spec, &dy).unwrap();
+    let slow = conv2d_backward_reference(&x, &wt, spec, &dy).unwrap();
+    for (name, got, want) in [
+        ("dx", &fast.input, &slow.input),
+        ("dw", &fast.weight, &slow.weight),
+        ("db", &fast.bias, &slow.bias),
+    ] {
+        assert_eq!(got.shape(), want.shape(), "{what} {name}: shapes");
+        let (rel, max_abs) = errors(got.data(), want.data());
+        let scale = want.data().iter().fold(0f64, |m, v| m.max(v.abs() as f64));
+        assert!(rel <= 1e-5, "{what} {name}: relative L2 error {rel:.3e}");
+        assert!(
+            max_abs <= 1e-5 * scale,
+            "{what} {name}: max abs error {max_abs:.3e} (largest magnitude {scale:.3e})"
+        );
+    }
+}
+
+#[test]
+fn pointwise_backward_fast_path_matches_reference() {
+    // D0 channel counts (stage-1 project, stage-2 project, BiFPN), batch 2, 32x32 and odd 17x23.
+    for (cin, cout) in [(32, 16), (96, 24), (64, 64)] {
+        for (h, w) in [(32, 32), (17, 23)] {
+            check_fast_against_reference(
+                &format!("1x1 {cin}->{cout} {h}x{w}"),
+                [2, cin, cout, h, w],
+                1,
+                1,
+                1,
+                Padding::Same,
+            );
+        }
+    }
+}
+
+#[test]
+fn stem_backward_fast_path_matches_reference() {
+    // The stem: 3 -> 32, 3x3 stride 2, TF-SAME (pads 0/1 on even sizes, 1/1 on odd ones).
+    for (h, w) in [(64, 64), (63, 63), (31, 48)] {
+        check_fast_against_reference(
+            &format!("stem {h}x{w}"),
+            [2, 3, 32, h, w],
+            3,
+            2,
+            1,
+            Padding::Same,
+        );
+    }
+}
+
+#[test]
+fn depthwise_backward_fast_path_matches_reference() {
+    // D0 depthwise layers: (channels, kernel, stride), on even and odd sizes.
+    for (c, k, s) in [(32, 3, 1), (96, 3, 2), (240, 5, 1), (144, 5, 2)] {
+        for (h, w) in [(16, 16), (17, 17), (9, 14), (1, 1), (2, 3)] {
+            check_fast_against_reference(
+                &format!("dw {c} {k}x{k} s{s} {h}x{w}"),
+                [2, c, c, h, w],
+                k,
+                s,
+                c,
+                Padding::Same,
+            );
+        }
+    }
+}
+
+#[test]
+fn other_conv_backward_shapes_match_reference() {
+    let explicit = Padding::Explicit {
+        top: 2,
+        bottom: 0,
+        left: 1,
+        right: 3,
+    };
+    let cases = [
+        // Dense 3x3 stride 1 (im2col path), more channels than the stem.
+        ("dense 3x3 s1", [2, 8, 12, 11, 10], 3, 1, 1, Padding::Same),
+        // 1x1 stride 2 and a padded 1x1: not pointwise, take the im2col path.
+        ("1x1 s2", [2, 6, 5, 9, 8], 1, 2, 1, Padding::Same),
+        ("1x1 padded", [1, 4, 3, 5, 6], 1, 1, 1, explicit),
+        // Explicit asymmetric padding and stride 3.
+        ("dense explicit s2", [2, 3, 4, 9, 7], 3, 2, 1, explicit),
+        ("dense 5x5 s3", [1, 2, 3, 13, 11], 5, 3, 1, Padding::Same),
+        ("dw explicit s2", [2, 5, 5, 9, 7], 3, 2, 5, explicit),
+        ("dw 3x3 s3", [2, 4, 4, 10, 11], 3, 3, 4, Padding::Same),
+        // Grouped but not depthwise: the reference fallback.
+        ("grouped", [2, 6, 4, 7, 6], 3, 1, 2, Padding::Same),
+    ];
+    for (what, dims, k, s, g, padding) in cases {
+        check_fast_against_reference(what, dims, k, s, g, padding);
+    }
+}
+
+#[test]
+fn conv_backward_is_deterministic() {
+    let mut rng = Rng(23);
+    let x = t32(&[2, 32, 40, 40], &rng.vec(2 * 32 * 1600));
+    let wt = t32(&[16, 32, 1, 1], &rng.vec(16 * 32));
+    let dy = t32(&[2, 16, 40, 40], &rng.vec(2 * 16 * 1600));
+    let spec = ConvSpec::same(Activation::None);
+    let a = conv2d_backward(&x, &wt, spec, &dy).unwrap();
+    let b = conv2d_backward(&x, &wt, spec, &dy).unwrap();
+    assert_eq!(a.input.data(), b.input.data());
+    assert_eq!(a.weight.data(), b.weight.data());
+    assert_eq!(a.bias.data(), b.bias.data());
 }
