@@ -13,7 +13,7 @@
 
 use rayon::prelude::*;
 
-use super::simd::PaddedPlane;
+use super::simd::{self, PaddedPlane};
 use crate::compute::{Activation, ConvSpec, Padding, Tensor};
 use crate::error::{Error, Result};
 
@@ -932,35 +932,16 @@ fn depthwise_plane_backward_generic(
 /// Backward of `y = act(x)` given the pre-activation `x`.
 pub fn activation_backward(x: &Tensor, act: Activation, grad_out: &Tensor) -> Result<Tensor> {
     check_same("activation_backward", x, grad_out)?;
-    let data = x
-        .data()
-        .par_iter()
-        .zip(grad_out.data().par_iter())
-        .map(|(&v, &g)| {
-            let d = match act {
-                Activation::None => 1.0,
-                Activation::Relu => {
-                    if v > 0.0 {
-                        1.0
-                    } else {
-                        0.0
-                    }
-                }
-                Activation::Sigmoid => {
-                    let s = Activation::Sigmoid.apply(v);
-                    s * (1.0 - s)
-                }
-                // d/dx [x * s(x)] = s + x * s * (1 - s)
-                Activation::Swish => {
-                    let s = Activation::Sigmoid.apply(v);
-                    s * (1.0 + v * (1.0 - s))
-                }
-            };
-            g * d
-        })
-        .collect();
-    Tensor::new(x.shape().to_vec(), data)
+    let mut g = grad_out.clone();
+    g.data_mut()
+        .par_chunks_mut(ELEMENTWISE_CHUNK)
+        .zip(x.data().par_chunks(ELEMENTWISE_CHUNK))
+        .for_each(|(g, x)| simd::act_backward(g, x, act));
+    Ok(g)
 }
+
+/// Elements per rayon task in elementwise kernels (large enough to amortise scheduling).
+const ELEMENTWISE_CHUNK: usize = 1 << 15;
 
 /// Batch statistics of a training-mode batch norm, kept for the backward pass and the running
 /// statistics update.
@@ -1011,20 +992,11 @@ pub fn batch_norm_train_reduced(
     }
     let hw = h * w;
     let xd = x.data();
-    let plane_sum = |ch: usize, f: &(dyn Fn(f64) -> f64 + Sync)| -> f64 {
-        (0..n)
-            .map(|b| {
-                xd[(b * c + ch) * hw..(b * c + ch + 1) * hw]
-                    .iter()
-                    .map(|&v| f(v as f64))
-                    .sum::<f64>()
-            })
-            .sum()
-    };
+    let planes = |ch: usize| (0..n).map(move |b| &xd[(b * c + ch) * hw..(b * c + ch + 1) * hw]);
     // Pass 1: sums and the element count -> mean.
     let mut sums: Vec<f64> = (0..c)
         .into_par_iter()
-        .map(|ch| plane_sum(ch, &|v| v))
+        .map(|ch| planes(ch).map(simd::sum_f64).sum())
         .collect();
     sums.push((n * hw) as f64);
     reduce(&mut sums)?;
@@ -1036,10 +1008,7 @@ pub fn batch_norm_train_reduced(
     // Pass 2: squared deviations from the (global) mean -> biased variance.
     let mut sq: Vec<f64> = (0..c)
         .into_par_iter()
-        .map(|ch| {
-            let m = mean[ch];
-            plane_sum(ch, &move |v| (v - m) * (v - m))
-        })
+        .map(|ch| planes(ch).map(|p| simd::sq_dev_f64(p, mean[ch])).sum())
         .collect();
     reduce(&mut sq)?;
     let stats: Vec<(f64, f64)> = mean
@@ -1047,6 +1016,7 @@ pub fn batch_norm_train_reduced(
         .zip(&sq)
         .map(|(&m, &s)| (m, s / count))
         .collect();
+    // y = (x - mean) * gamma / sigma + beta, per-channel constants from f64.
     let mut y = x.clone();
     y.data_mut()
         .par_chunks_mut(hw.max(1))
@@ -1054,10 +1024,8 @@ pub fn batch_norm_train_reduced(
         .for_each(|(p, plane)| {
             let ch = p % c;
             let (mean, var) = stats[ch];
-            let inv = 1.0 / (var + eps as f64).sqrt();
-            for v in plane.iter_mut() {
-                *v = ((*v as f64 - mean) * inv * gamma[ch] as f64 + beta[ch] as f64) as f32;
-            }
+            let scale = gamma[ch] as f64 / (var + eps as f64).sqrt();
+            simd::centered_affine(plane, mean, scale, beta[ch] as f64);
         });
     Ok((
         y,
@@ -1114,6 +1082,7 @@ pub fn batch_norm_train_backward_reduced(
     let hw = h * w;
     let count = cache.count as f64;
     let (xd, gd) = (x.data(), grad_out.data());
+    // Per channel: sum(dy) and sum(dy * x_hat) = inv * (sum(dy * x) - mean * sum(dy)).
     let sums: Vec<(f64, f64)> = (0..c)
         .into_par_iter()
         .map(|ch| {
@@ -1121,17 +1090,17 @@ pub fn batch_norm_train_backward_reduced(
             let (mut sg, mut sgx) = (0f64, 0f64);
             for b in 0..n {
                 let r = (b * c + ch) * hw..(b * c + ch + 1) * hw;
-                for (&xv, &g) in xd[r.clone()].iter().zip(&gd[r]) {
-                    let xh = (xv as f64 - cache.mean[ch] as f64) * inv;
-                    sg += g as f64;
-                    sgx += g as f64 * xh;
-                }
+                let (a, d) = simd::sum_and_dot_f64(&gd[r.clone()], &xd[r]);
+                sg += a;
+                sgx += d;
             }
-            (sg, sgx)
+            (sg, inv * (sgx - cache.mean[ch] as f64 * sg))
         })
         .collect();
     let mut global: Vec<f64> = sums.iter().flat_map(|&(a, b)| [a, b]).collect();
     reduce(&mut global)?;
+    // dx = gamma inv (dy - sum(dy) / N - x_hat sum(dy x_hat) / N)
+    //    = k1 dy + k2 (x - mean) + k3.
     let mut gx = vec![0f32; x.len()];
     gx.par_chunks_mut(hw.max(1))
         .enumerate()
@@ -1139,11 +1108,14 @@ pub fn batch_norm_train_backward_reduced(
             let ch = p % c;
             let inv = 1.0 / (cache.var[ch] as f64 + cache.eps as f64).sqrt();
             let (sg, sgx) = (global[2 * ch], global[2 * ch + 1]);
+            let k1 = gamma[ch] as f64 * inv;
+            let k = [
+                k1 as f32,
+                (-k1 * inv * sgx / count) as f32,
+                (-k1 * sg / count) as f32,
+            ];
             let r = p * hw..(p + 1) * hw;
-            for ((o, &xv), &g) in out.iter_mut().zip(&xd[r.clone()]).zip(&gd[r]) {
-                let xh = (xv as f64 - cache.mean[ch] as f64) * inv;
-                *o = (gamma[ch] as f64 * inv * (g as f64 - sg / count - xh * sgx / count)) as f32;
-            }
+            simd::bn_input_grad(out, &gd[r.clone()], &xd[r], cache.mean[ch], k);
         });
     Ok(BatchNormGrads {
         input: Tensor::new(x.shape().to_vec(), gx)?,

@@ -46,6 +46,23 @@ pub(crate) fn activate(act: Activation, x: f32) -> f32 {
 
 /// Generates `name(args)` that runs the AVX2+FMA build of `body` when the CPU has it.
 macro_rules! dispatch {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),*) -> $ret:ty $body:block) => {
+        $(#[$m])*
+        $vis fn $name($($a: $t),*) -> $ret {
+            #[inline(always)]
+            fn generic($($a: $t),*) -> $ret $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($a: $t),*) -> $ret { generic($($a),*) }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU supports the features `avx2` was compiled for.
+                    return unsafe { avx2($($a),*) };
+                }
+            }
+            generic($($a),*)
+        }
+    };
     ($(#[$m:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),*) $body:block) => {
         $(#[$m])*
         $vis fn $name($($a: $t),*) {
@@ -110,6 +127,126 @@ fn bias_act_inline(v: &mut [f32], bias: f32, act: Activation) {
             for x in v.iter_mut() {
                 *x = (*x + bias).max(0.0);
             }
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Training kernels (backward of activations, batch-norm statistics and normalisation)
+// ------------------------------------------------------------------------------------------------
+
+dispatch! {
+    /// `g[i] *= act'(x[i])`: the backward of an activation, in place on the output gradient.
+    pub(crate) fn act_backward(g: &mut [f32], x: &[f32], act: Activation) {
+        let n = g.len().min(x.len());
+        let (g, x) = (&mut g[..n], &x[..n]);
+        match act {
+            Activation::None => {}
+            Activation::Relu => {
+                for i in 0..n {
+                    g[i] = if x[i] > 0.0 { g[i] } else { 0.0 };
+                }
+            }
+            Activation::Sigmoid => {
+                for i in 0..n {
+                    let s = 1.0 / (1.0 + exp(-x[i]));
+                    g[i] *= s * (1.0 - s);
+                }
+            }
+            // d/dx [x s(x)] = s + x s (1 - s)
+            Activation::Swish => {
+                for i in 0..n {
+                    let v = x[i];
+                    let s = 1.0 / (1.0 + exp(-v));
+                    g[i] *= s * (1.0 + v * (1.0 - s));
+                }
+            }
+        }
+    }
+}
+
+dispatch! {
+    /// `sum(v)` accumulated in f64 (eight partial sums so the loop vectorises).
+    pub(crate) fn sum_f64(v: &[f32]) -> f64 {
+        let mut acc = [0f64; 8];
+        let chunks = v.chunks_exact(8);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for k in 0..8 {
+                acc[k] += c[k] as f64;
+            }
+        }
+        let mut s: f64 = acc.iter().sum();
+        for &x in rest {
+            s += x as f64;
+        }
+        s
+    }
+}
+
+dispatch! {
+    /// `sum((v - mean)^2)` in f64.
+    pub(crate) fn sq_dev_f64(v: &[f32], mean: f64) -> f64 {
+        let mut acc = [0f64; 8];
+        let chunks = v.chunks_exact(8);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for k in 0..8 {
+                let d = c[k] as f64 - mean;
+                acc[k] += d * d;
+            }
+        }
+        let mut s: f64 = acc.iter().sum();
+        for &x in rest {
+            let d = x as f64 - mean;
+            s += d * d;
+        }
+        s
+    }
+}
+
+dispatch! {
+    /// `(sum(g), sum(g * x))` in f64 (each f32 product is exact in f64).
+    pub(crate) fn sum_and_dot_f64(g: &[f32], x: &[f32]) -> (f64, f64) {
+        let n = g.len().min(x.len());
+        let (g, x) = (&g[..n], &x[..n]);
+        let (mut sg, mut sgx) = ([0f64; 8], [0f64; 8]);
+        let full = n / 8 * 8;
+        for i in (0..full).step_by(8) {
+            for k in 0..8 {
+                let gv = g[i + k] as f64;
+                sg[k] += gv;
+                sgx[k] += gv * x[i + k] as f64;
+            }
+        }
+        let (mut a, mut b): (f64, f64) = (sg.iter().sum(), sgx.iter().sum());
+        for i in full..n {
+            a += g[i] as f64;
+            b += g[i] as f64 * x[i] as f64;
+        }
+        (a, b)
+    }
+}
+
+dispatch! {
+    /// `v = (v - mean) * scale + shift` in f64 (batch-norm normalisation with per-channel
+    /// constants). f64 because f32 rounding here, although within an ulp per element, moved
+    /// ill-conditioned gradients downstream (BiFPN fusion weights) by 1e-3; AVX2 does four
+    /// lanes of f64 and the loop stays memory-bound.
+    pub(crate) fn centered_affine(v: &mut [f32], mean: f64, scale: f64, shift: f64) {
+        for x in v.iter_mut() {
+            *x = ((*x as f64 - mean) * scale + shift) as f32;
+        }
+    }
+}
+
+dispatch! {
+    /// `out = k1 * g + k2 * (x - mean) + k3` (the batch-norm input gradient).
+    pub(crate) fn bn_input_grad(out: &mut [f32], g: &[f32], x: &[f32], mean: f32, k: [f32; 3]) {
+        let n = out.len().min(g.len()).min(x.len());
+        let (out, g, x) = (&mut out[..n], &g[..n], &x[..n]);
+        for i in 0..n {
+            out[i] = k[0] * g[i] + (k[1] * (x[i] - mean) + k[2]);
         }
     }
 }
