@@ -386,6 +386,7 @@ fn loss(a: LossArgs) -> anyhow::Result<()> {
             a.model.backend
         )));
     }
+    effdet::train::keep_freed_memory();
     let config = EfficientDetConfig::d0();
     let size = config.image_size.0;
     let store = WeightStore::open(&a.model.weights)?;
@@ -468,6 +469,7 @@ fn peak_rss_bytes() -> Option<u64> {
 }
 
 fn bench_train(a: BenchTrainArgs) -> anyhow::Result<()> {
+    effdet::train::keep_freed_memory();
     use effdet::compute::Tensor;
     use effdet::compute::cpu::CpuBackend;
     use effdet::model::{EfficientDetConfig, WeightStore};
