@@ -512,9 +512,39 @@ fn rss_kib() -> u64 {
         .map_or(0, |pages| pages * 4)
 }
 
+/// RSS is per process and the other tests of this binary run in parallel threads, so the soak
+/// runs alone in a child process: this test re-executes the test binary for the ignored
+/// `soak_memory_child` and checks that it passed.
 #[test]
 fn soak_memory_does_not_grow() {
-    // 3000 frames; inference every 100th keeps the run short while the per-frame path (mapping,
+    let exe = std::env::current_exe().unwrap();
+    let out = std::process::Command::new(exe)
+        .args([
+            "soak_memory_child",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "soak child failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("1 passed"),
+        "the soak child did not run: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+#[ignore = "run by soak_memory_does_not_grow in its own process"]
+fn soak_memory_child() {
+    // 3500 frames; inference every 100th keeps the run short while the per-frame path (mapping,
     // meta attachment, messages) runs every time.
     let (w, h) = (64, 48);
     let l = layout(PixelFormat::Rgb, w, h, 0);
@@ -531,12 +561,18 @@ fn soak_memory_does_not_grow() {
             assert_eq!(meta::read(&out).len(), 100);
         }
     };
+    // A leak grows RSS in every window; the allocator can also take a one-off step (a rayon
+    // thread's first large inference buffers opening a new glibc arena, seen once as +42 MiB),
+    // which shows in one window only. So the smallest growth of three windows must be ~0.
     run_frames(500, 0);
-    let before = rss_kib();
-    run_frames(2500, 500);
-    let after = rss_kib();
+    let mut rss = vec![rss_kib()];
+    for k in 0..3 {
+        run_frames(1000, 500 + k * 1000);
+        rss.push(rss_kib());
+    }
+    let growth: Vec<u64> = rss.windows(2).map(|w| w[1].saturating_sub(w[0])).collect();
     assert!(
-        after < before + 16 * 1024,
-        "RSS grew from {before} KiB to {after} KiB over 2500 frames"
+        growth.iter().min().is_some_and(|&g| g < 2 * 1024),
+        "RSS grew in every 1000-frame window: {rss:?} KiB"
     );
 }
