@@ -49,6 +49,7 @@ pub mod labels;
 pub mod model;
 pub mod postprocess;
 pub mod preprocess;
+pub mod rng;
 pub mod train;
 
 pub use detection::Detection;
