@@ -103,7 +103,20 @@ impl Detector {
     }
 
     /// Builds the detector from an already-read weight store.
+    ///
+    /// The number of classes is taken from the weights (the class predictor has
+    /// `anchors * classes` outputs), so models trained on other datasets load without extra
+    /// settings; give their label file in `options.labels`.
     pub fn from_weights(store: &WeightStore, options: DetectorOptions) -> Result<Self> {
+        let mut options = options;
+        let a = options.config.anchors_per_location();
+        if let Some((_, shape)) = store
+            .names()
+            .find(|(k, _)| *k == "class_net.predict.conv_pw.weight")
+            && shape.first().is_some_and(|&n| n > 0 && n % a == 0)
+        {
+            options.config.num_classes = shape[0] / a;
+        }
         let labels = match &options.labels {
             Some(p) => Labels::from_file(p)?,
             None => Labels::coco(),

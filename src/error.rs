@@ -68,6 +68,14 @@ pub enum Error {
     #[error("internal shape error in {op}: {detail}")]
     Shape { op: &'static str, detail: String },
 
+    /// A file could not be written (disk full, permissions, missing directory).
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
     /// A data-parallel collective or the launch environment failed.
     #[error("distributed training: {0}")]
     Distributed(#[from] crate::train::dist::DistError),

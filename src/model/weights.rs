@@ -13,12 +13,18 @@ use crate::error::{Error, Result};
 /// Tensors that carry bookkeeping, not weights; present in every effdet `state_dict`, ignored.
 const IGNORED_SUFFIXES: [&str; 1] = [".num_batches_tracked"];
 
+/// `(key, shape)` pairs in the order a model requested them.
+type Schema = Vec<(String, Vec<usize>)>;
+
 /// The tensors of one weights file, converted to f32, with a record of which keys the model
 /// consumed so leftovers can be reported.
 pub struct WeightStore {
     path: PathBuf,
     tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
     taken: RefCell<BTreeSet<String>>,
+    /// Schema discovery ([`WeightStore::recording`]): every request is answered with zeros and
+    /// recorded, in request order.
+    recorded: Option<RefCell<Schema>>,
 }
 
 impl std::fmt::Debug for WeightStore {
@@ -85,6 +91,7 @@ impl WeightStore {
             path,
             tensors,
             taken: RefCell::new(BTreeSet::new()),
+            recorded: None,
         })
     }
 
@@ -114,8 +121,47 @@ impl WeightStore {
             .map(|(k, (shape, _))| (k.as_str(), shape.as_slice()))
     }
 
+    /// A store over tensors already in memory (e.g. weights being trained); `name` is used in
+    /// messages in place of a file path.
+    pub fn from_tensors(name: impl Into<PathBuf>, tensors: &BTreeMap<String, Tensor>) -> Self {
+        WeightStore {
+            path: name.into(),
+            tensors: tensors
+                .iter()
+                .filter(|(k, _)| !IGNORED_SUFFIXES.iter().any(|s| k.ends_with(s)))
+                .map(|(k, t)| (k.clone(), (t.shape().to_vec(), t.data().to_vec())))
+                .collect(),
+            taken: RefCell::new(BTreeSet::new()),
+            recorded: None,
+        }
+    }
+
+    /// A store that holds nothing but answers every [`WeightStore::take`] with zeros of the
+    /// requested shape and records the request: loading a model from it lists the model's
+    /// tensors ([`WeightStore::recorded`]), e.g. to initialise a network from scratch.
+    pub fn recording() -> Self {
+        WeightStore {
+            path: PathBuf::from("<schema>"),
+            tensors: BTreeMap::new(),
+            taken: RefCell::new(BTreeSet::new()),
+            recorded: Some(RefCell::new(Vec::new())),
+        }
+    }
+
+    /// The `(key, shape)` requests a recording store received, in order (empty otherwise).
+    pub fn recorded(&self) -> Vec<(String, Vec<usize>)> {
+        self.recorded
+            .as_ref()
+            .map(|r| r.borrow().clone())
+            .unwrap_or_default()
+    }
+
     /// The tensor `key`, which must have exactly `shape`. Marks it as used.
     pub fn take(&self, key: &str, shape: &[usize]) -> Result<Tensor> {
+        if let Some(rec) = &self.recorded {
+            rec.borrow_mut().push((key.to_string(), shape.to_vec()));
+            return Ok(Tensor::zeros(shape.to_vec()));
+        }
         let (actual, data) = self.tensors.get(key).ok_or_else(|| Error::MissingTensor {
             key: key.to_string(),
             expected: shape.to_vec(),

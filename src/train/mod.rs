@@ -16,15 +16,19 @@
 //!   -> detection_loss                LossOutput: loss, class_loss, box_loss, d loss / d outputs
 //! ```
 
+pub mod checkpoint;
 pub mod coco;
+pub mod dataset;
 pub mod dist;
 pub mod ema;
 pub mod labeler;
+pub mod loader;
 pub mod loss;
 pub mod model;
 pub mod optim;
 pub mod schedule;
 pub mod tape;
+pub mod trainer;
 
 /// Keeps freed tensor memory in the process instead of returning it to the kernel. A training
 /// step allocates and frees hundreds of activation and gradient buffers of up to ~50 MB; glibc

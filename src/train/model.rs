@@ -130,6 +130,74 @@ impl TrainNet {
         Self::from_parts(config, ParamSet::new(params)?, buffers)
     }
 
+    /// A freshly initialised network for `config` (any `num_classes`), as effdet initialises
+    /// one for training from scratch: the timm backbone with its TF "goog" init (normal, std
+    /// `sqrt(2 / fan_out)`), BiFPN convolutions Glorot-uniform, head convolutions variance
+    /// scaling (normal, std `sqrt(1 / fan_in)`), BN weight 1 / bias 0 / running mean 0 / var 1,
+    /// fusion edge weights 1, biases 0 except the class predictor's `-ln(99)` (prior 0.01).
+    /// Deterministic from `seed`.
+    pub fn init(config: EfficientDetConfig, seed: u64) -> Result<Self> {
+        let schema = WeightStore::recording();
+        EfficientDet::load(&CpuBackend::new(1)?, &schema, config.clone())?;
+        let mut rng = crate::rng::Rng::new(seed);
+        let mut params = Vec::new();
+        let mut buffers = BTreeMap::new();
+        let mut seen = std::collections::HashSet::new();
+        // The inference loader reads the shared head convolutions once per level.
+        for (name, shape) in schema.recorded() {
+            if !seen.insert(name.clone()) {
+                continue;
+            }
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = if name.ends_with(".running_var") {
+                vec![1.0; n]
+            } else if name.ends_with(".running_mean") {
+                vec![0.0; n]
+            } else if name.ends_with("edge_weights")
+                || (shape.len() == 1 && name.ends_with(".weight"))
+            {
+                vec![1.0; n] // fusion weights and batch-norm scales
+            } else if shape.len() == 1 {
+                let prior = if name.starts_with("class_net.predict") {
+                    -(99f32.ln())
+                } else {
+                    0.0
+                };
+                vec![prior; n]
+            } else {
+                let (out_ch, in_per_group) = (shape[0], shape[1]);
+                let k: usize = shape[2..].iter().product();
+                // Depthwise convolutions have one input channel per group.
+                let groups = if in_per_group == 1 && !name.contains("conv_stem") && k > 1 {
+                    out_ch
+                } else {
+                    1
+                };
+                let fan_in = (in_per_group * k) as f64;
+                let fan_out = (out_ch * k / groups) as f64;
+                if name.starts_with("backbone.") {
+                    let std = (2.0 / fan_out.max(1.0)).sqrt();
+                    (0..n).map(|_| (rng.normal() * std) as f32).collect()
+                } else if name.starts_with("class_net.") || name.starts_with("box_net.") {
+                    let std = (1.0 / fan_in.max(1.0)).sqrt();
+                    (0..n).map(|_| (rng.normal() * std) as f32).collect()
+                } else {
+                    let limit = (3.0 / ((fan_in + fan_out) / 2.0).max(1.0)).sqrt();
+                    (0..n)
+                        .map(|_| rng.range_f64(-limit, limit) as f32)
+                        .collect()
+                }
+            };
+            let t = Tensor::new(shape, data)?;
+            if is_buffer(&name) {
+                buffers.insert(name, t);
+            } else {
+                params.push(Param::new(name, t));
+            }
+        }
+        Self::from_parts(config, ParamSet::new(params)?, buffers)
+    }
+
     /// A network from parameters and running statistics already in memory (e.g. a checkpoint).
     pub fn from_parts(
         config: EfficientDetConfig,
