@@ -10,6 +10,7 @@
 //!   against `Backend`, its typed config, and weight loading from effdet-named safetensors.
 //! - [`postprocess`]: anchors, top-k, box decoding, clipping and NMS (effdet's `DetBenchPredict`).
 //! - [`detector`]: the user-facing [`Detector`] tying it all together.
+//! - [`eval`]: COCO bbox metrics (AP, AR), exactly as pycocotools' `COCOeval`.
 //!
 //! See `docs/ARCHITECTURE.md` for how a frame flows through these modules.
 //!
@@ -43,6 +44,7 @@ pub mod compute;
 pub mod detection;
 pub mod detector;
 pub mod error;
+pub mod eval;
 pub mod frame;
 pub mod image_io;
 pub mod labels;

@@ -1,5 +1,7 @@
 //! The `effdet` command-line tool: detect objects in an image, and benchmark the engine.
 
+mod eval_cmd;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -47,6 +49,8 @@ enum Command {
     Loss(LossArgs),
     /// Measure training-step time (forward, loss, backward, clipping, SGD) and peak memory.
     BenchTrain(BenchTrainArgs),
+    /// Evaluate detections against COCO ground truth: AP/AR exactly as pycocotools' COCOeval.
+    Eval(eval_cmd::EvalArgs),
 }
 
 #[derive(clap::Args)]
@@ -189,6 +193,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench(a),
         Command::Loss(a) => loss(a),
         Command::BenchTrain(a) => bench_train(a),
+        Command::Eval(a) => eval_cmd::eval(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

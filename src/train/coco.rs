@@ -39,6 +39,10 @@ pub struct CocoAnnotation {
     pub category_id: u64,
     /// `[x, y, width, height]` in image pixels.
     pub bbox: [f64; 4],
+    /// The object's area in square pixels (in COCO the segmentation's area, not the box's);
+    /// COCO evaluation uses it for the small / medium / large ranges. Training ignores it.
+    #[serde(default)]
+    pub area: Option<f64>,
     #[serde(default)]
     pub iscrowd: u8,
     /// effdet's parser skips annotations marked `"ignore": true`.
