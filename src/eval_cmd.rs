@@ -12,9 +12,25 @@ use effdet::train::coco::CocoAnnotations;
 pub struct EvalArgs {
     /// Detections in the COCO results format: a JSON array of
     /// {"image_id", "category_id", "bbox": [x, y, w, h], "score"} (what pycocotools' loadRes
-    /// reads). Required for now: evaluating a model directly on a dataset is not available yet.
-    #[arg(long, value_name = "FILE")]
+    /// reads).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["weights", "images"])]
     pub detections: Option<PathBuf>,
+    /// Instead of a detections file: evaluate these weights (effdet-named safetensors) on the
+    /// images of the annotations, found under --images.
+    #[arg(long, value_name = "FILE", requires = "images")]
+    pub weights: Option<PathBuf>,
+    /// Folder the annotations' `file_name`s are relative to (with --weights).
+    #[arg(long, value_name = "DIR", requires = "weights")]
+    pub images: Option<PathBuf>,
+    /// Network input size of the model (with --weights; 512 for D0 as released).
+    #[arg(long, value_name = "S", default_value_t = 512)]
+    pub size: usize,
+    /// CPU threads (with --weights; 0 = all cores).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub threads: usize,
+    /// Also write the model's detections (COCO results JSON) here (with --weights).
+    #[arg(long, value_name = "FILE", requires = "weights")]
+    pub detections_out: Option<PathBuf>,
     /// Ground truth: a COCO instances file (images, annotations with id, bbox, area, iscrowd,
     /// categories). Every image and category in it is evaluated.
     #[arg(long, value_name = "FILE")]
@@ -26,17 +42,31 @@ pub struct EvalArgs {
 }
 
 pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
-    let Some(dets_path) = &a.detections else {
-        anyhow::bail!(Error::InvalidArgument(
-            "--detections FILE is required (a COCO results JSON array; evaluating a model on a \
-             dataset is not available yet)"
-                .into()
-        ));
-    };
     // Library errors stay the root cause, so main's exit_code() maps them (5 for data).
     let gt = CocoAnnotations::open(&a.annotations)?;
-    let dets = Detections::open(dets_path)?;
-    let stats = evaluate(&gt, &dets)?;
+    let (stats, dets) = match (&a.detections, &a.weights, &a.images) {
+        (Some(p), _, _) => {
+            let dets = Detections::open(p)?;
+            (evaluate(&gt, &dets)?, dets)
+        }
+        (None, Some(w), Some(dir)) => {
+            let store = effdet::model::WeightStore::open(w)?;
+            let (stats, dets) =
+                crate::eval_model::evaluate_weights(&store, &gt, dir, a.size, a.threads)?;
+            if let Some(out) = &a.detections_out {
+                let json = serde_json::to_string(dets.items()).context("serialising detections")?;
+                std::fs::write(out, json).map_err(|e| Error::Write {
+                    path: out.clone(),
+                    source: e,
+                })?;
+            }
+            (stats, dets)
+        }
+        _ => anyhow::bail!(Error::InvalidArgument(
+            "give --detections FILE (COCO results JSON), or --weights FILE with --images DIR"
+                .into()
+        )),
+    };
     if a.json {
         println!(
             "{}",

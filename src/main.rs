@@ -1,6 +1,8 @@
 //! The `effdet` command-line tool: detect objects in an image, and benchmark the engine.
 
 mod eval_cmd;
+mod eval_model;
+mod train_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -47,6 +49,8 @@ enum Command {
     /// Compute the training loss of one batch (and optionally every parameter gradient), as
     /// effdet's DetBenchTrain does: training-mode batch norm, drop-path off.
     Loss(LossArgs),
+    /// Train EfficientDet-D0 on a COCO-format dataset (the reference recipe by default).
+    Train(Box<train_cmd::TrainArgs>),
     /// Measure training-step time (forward, loss, backward, clipping, SGD) and peak memory.
     BenchTrain(BenchTrainArgs),
     /// Evaluate detections against COCO ground truth: AP/AR exactly as pycocotools' COCOeval.
@@ -193,6 +197,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench(a),
         Command::Loss(a) => loss(a),
         Command::BenchTrain(a) => bench_train(a),
+        Command::Train(a) => train_cmd::train(*a),
         Command::Eval(a) => eval_cmd::eval(a),
     };
     match result {

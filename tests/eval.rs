@@ -389,11 +389,20 @@ fn cli_rejects_bad_ground_truth_with_status_5() {
 }
 
 #[test]
-fn cli_needs_detections_for_now() {
+fn cli_needs_detections_or_weights() {
     let o = effdet(&[
         "eval",
         "--annotations",
         fixture("edge/gt.json").to_str().unwrap(),
     ]);
-    assert_fails(&o, 2, "--detections FILE is required");
+    assert_fails(&o, 2, "give --detections FILE");
+    // --weights needs --images, and excludes --detections (clap: exit 2).
+    let o = effdet(&[
+        "eval",
+        "--annotations",
+        fixture("edge/gt.json").to_str().unwrap(),
+        "--weights",
+        "w.safetensors",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
 }

@@ -39,7 +39,9 @@ pub struct TrainConfig {
     pub epochs: u64,
     /// Peak LR; `None` = 0.08 * batch / 64.
     pub lr: Option<f64>,
-    pub warmup_lr: f64,
+    /// LR at the start of the warm-up; `None` = a tenth of the peak (0.008 at batch 64, the
+    /// recipe's value, scaled like the peak so small batches do not start above their peak).
+    pub warmup_lr: Option<f64>,
     pub warmup_epochs: u64,
     pub min_lr: f64,
     pub momentum: f64,
@@ -73,7 +75,7 @@ impl Default for TrainConfig {
             batch_size: 8,
             epochs: 300,
             lr: None,
-            warmup_lr: 0.008,
+            warmup_lr: None,
             warmup_epochs: 1,
             min_lr: 1e-5,
             momentum: 0.9,
@@ -397,7 +399,7 @@ impl Trainer {
         }
         let schedule = ScheduleConfig {
             lr: self.cfg.peak_lr(),
-            warmup_lr: self.cfg.warmup_lr,
+            warmup_lr: self.cfg.warmup_lr.unwrap_or(self.cfg.peak_lr() / 10.0),
             min_lr: self.cfg.min_lr,
             epochs: self.cfg.epochs,
             warmup_epochs: self.cfg.warmup_epochs,
@@ -483,6 +485,21 @@ impl Trainer {
                     break;
                 }
             }
+            if window.3 > 0 {
+                self.history.push(LogRow {
+                    epoch: self.epoch,
+                    update: self.update,
+                    lr: self.sgd.lr,
+                    loss: window.0 / window.3 as f64,
+                    class_loss: window.1 / window.3 as f64,
+                    box_loss: window.2 / window.3 as f64,
+                    images_per_s: (window.3 * self.cfg.batch_size) as f64
+                        / window.4.elapsed().as_secs_f64().max(1e-9),
+                    val_ap: None,
+                    val_ap50: None,
+                });
+                window = (0.0, 0.0, 0.0, 0, Instant::now());
+            }
             let epoch_done = self.batch_in_epoch >= updates_per_epoch;
             if epoch_done {
                 self.epoch += 1;
@@ -533,15 +550,20 @@ pub fn write_metrics_csv(path: &Path, rows: &[LogRow]) -> Result<()> {
         String::from("epoch,update,lr,loss,class_loss,box_loss,images_per_s,val_ap,val_ap50\n");
     let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.6}"));
     for r in rows {
+        // Validation rows carry only the metrics; training rows only the losses.
+        let train = if r.val_ap.is_some() {
+            ",,,".to_string()
+        } else {
+            format!(
+                "{:.6},{:.6},{:.6},{:.3}",
+                r.loss, r.class_loss, r.box_loss, r.images_per_s
+            )
+        };
         s.push_str(&format!(
-            "{},{},{:.6e},{:.6},{:.6},{:.6},{:.3},{},{}\n",
+            "{},{},{:.6e},{train},{},{}\n",
             r.epoch,
             r.update,
             r.lr,
-            r.loss,
-            r.class_loss,
-            r.box_loss,
-            r.images_per_s,
             opt(r.val_ap),
             opt(r.val_ap50)
         ));

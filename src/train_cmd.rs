@@ -1,0 +1,305 @@
+//! `effdet train`: trains EfficientDet-D0 on a COCO-format dataset (see `effdet::train::trainer`
+//! for the loop and `effdet::train::dataset` for validation).
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use effdet::Error;
+use effdet::compute::Tensor;
+use effdet::model::WeightStore;
+use effdet::train::checkpoint::{Checkpoint, write_atomic};
+use effdet::train::dataset::{Dataset, DatasetOptions};
+use effdet::train::model::TrainNet;
+use effdet::train::trainer::{
+    Evaluator, LogRow, TrainConfig, Trainer, curves_svg, model_config, write_metrics_csv,
+};
+
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    /// Training annotations (COCO JSON).
+    #[arg(long, value_name = "FILE")]
+    pub train_annotations: PathBuf,
+    /// Folder the training `file_name`s are relative to.
+    #[arg(long, value_name = "DIR")]
+    pub train_images: PathBuf,
+    /// Validation annotations (COCO JSON); evaluated with COCO AP during and after training.
+    #[arg(long, value_name = "FILE", requires = "val_images")]
+    pub val_annotations: Option<PathBuf>,
+    /// Folder of the validation images.
+    #[arg(long, value_name = "DIR", requires = "val_annotations")]
+    pub val_images: Option<PathBuf>,
+    /// Output folder: checkpoint, metrics.csv, curves.svg, model.safetensors, labels.txt,
+    /// MODEL_CARD.md.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Start from these effdet-named weights (tensors whose name and shape match are used; the
+    /// rest, e.g. a class predictor for another number of classes, start fresh).
+    #[arg(long, value_name = "FILE", conflicts_with = "resume")]
+    pub weights: Option<PathBuf>,
+    /// Continue a run from its checkpoint (same data and settings).
+    #[arg(long, value_name = "FILE")]
+    pub resume: Option<PathBuf>,
+    /// JSON file with any training settings (field names of `TrainConfig`); flags override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Turn every skipped annotation or image into an error.
+    #[arg(long)]
+    pub strict: bool,
+    #[arg(long, value_name = "S")]
+    pub size: Option<usize>,
+    #[arg(long, value_name = "B")]
+    pub batch: Option<usize>,
+    #[arg(long, value_name = "N")]
+    pub epochs: Option<u64>,
+    #[arg(long, value_name = "LR")]
+    pub lr: Option<f64>,
+    #[arg(long, value_name = "N")]
+    pub warmup_epochs: Option<u64>,
+    #[arg(long, value_name = "P")]
+    pub drop_path: Option<f32>,
+    #[arg(long, value_name = "D")]
+    pub ema_decay: Option<f64>,
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    #[arg(long, value_name = "S")]
+    pub seed: Option<u64>,
+    /// Evaluate every N epochs (0 = at the end only).
+    #[arg(long, value_name = "N")]
+    pub eval_every: Option<u64>,
+    /// Checkpoint every N updates as well as at epoch ends.
+    #[arg(long, value_name = "N")]
+    pub checkpoint_every: Option<u64>,
+    /// Stop after N updates in total.
+    #[arg(long, value_name = "N")]
+    pub max_updates: Option<u64>,
+    /// Also write the final weights as f16 (`model_f16.safetensors`).
+    #[arg(long)]
+    pub f16: bool,
+}
+
+fn config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
+    let mut c = match &a.config {
+        Some(p) => TrainConfig::from_json_file(p)?,
+        None => TrainConfig::default(),
+    };
+    macro_rules! set {
+        ($($flag:ident => $field:ident),*) => { $( if let Some(v) = a.$flag { c.$field = v; } )* };
+    }
+    set!(size => input_size, batch => batch_size, epochs => epochs, warmup_epochs => warmup_epochs,
+         drop_path => drop_path_rate, ema_decay => ema_decay, workers => workers, threads => threads,
+         seed => seed, eval_every => eval_every, checkpoint_every => checkpoint_every);
+    if a.lr.is_some() {
+        c.lr = a.lr;
+    }
+    if a.max_updates.is_some() {
+        c.max_updates = a.max_updates;
+    }
+    c.validate()?;
+    Ok(c)
+}
+
+/// Copies every tensor of `path` whose name and shape match into `net`; returns how many.
+fn load_pretrained(net: &mut TrainNet, path: &Path) -> anyhow::Result<usize> {
+    let store = WeightStore::open(path)?;
+    let mut used = 0;
+    let names: Vec<(String, Vec<usize>)> = store
+        .names()
+        .map(|(k, s)| (k.to_string(), s.to_vec()))
+        .collect();
+    let mut params = std::mem::take(net.params_mut());
+    let mut buffers = net.buffers().clone();
+    for (name, shape) in names {
+        if let Some(p) = params.get_mut(&name) {
+            if p.value.shape() == shape.as_slice() {
+                p.value = store.take(&name, &shape)?;
+                used += 1;
+            }
+        } else if let Some(b) = buffers.get_mut(&name)
+            && b.shape() == shape.as_slice()
+        {
+            *b = store.take(&name, &shape)?;
+            used += 1;
+        }
+    }
+    if used == 0 {
+        anyhow::bail!(Error::WeightsFormat {
+            path: path.to_path_buf(),
+            reason: "no tensor matches this model by name and shape (not effdet D0 weights?)"
+                .into()
+        });
+    }
+    *net = TrainNet::from_parts(net.config().clone(), params, buffers)?;
+    Ok(used)
+}
+
+/// `[=====>    ] 37%` style progress on a terminal, a log line every 50 updates otherwise.
+fn progress_printer() -> impl FnMut(&LogRow, u64, u64) {
+    let tty = std::io::stderr().is_terminal();
+    move |r: &LogRow, done: u64, total: u64| {
+        let frac = done as f64 / total.max(1) as f64;
+        let line = format!(
+            "epoch {} | update {done}/{total} | loss {:.4} (class {:.4}, box {:.5}) | lr {:.2e} | {:.1} img/s",
+            r.epoch, r.loss, r.class_loss, r.box_loss, r.lr, r.images_per_s
+        );
+        if tty {
+            let width = 24;
+            let filled = (frac * width as f64) as usize;
+            eprint!(
+                "\r[{}{}] {:>3.0}% {line}   ",
+                "=".repeat(filled),
+                " ".repeat(width - filled.min(width)),
+                frac * 100.0
+            );
+            let _ = std::io::stderr().flush();
+        } else if done.is_multiple_of(50) || done == total {
+            eprintln!("{line}");
+        }
+    }
+}
+
+pub fn train(a: TrainArgs) -> anyhow::Result<()> {
+    effdet::train::keep_freed_memory();
+    let cfg = config(&a)?;
+    let dataset = Dataset::open(
+        &a.train_annotations,
+        &a.train_images,
+        DatasetOptions { strict: a.strict },
+    )?;
+    eprint!("training data: {}", dataset.report);
+    let categories: Vec<(u64, String)> = dataset
+        .categories
+        .iter()
+        .map(|c| (c.id, c.name.clone()))
+        .collect();
+    let net = TrainNet::init(model_config(&cfg, dataset.num_classes()), cfg.seed)?;
+    let mut trainer = Trainer::new(cfg.clone(), net, categories)?;
+    if let Some(w) = &a.weights {
+        let n = load_pretrained(&mut trainer.net, w)?;
+        eprintln!("initialised {n} tensors from {}", w.display());
+        trainer = Trainer::new(cfg.clone(), trainer.net, trainer.categories)?;
+    }
+    if let Some(r) = &a.resume {
+        let ck = Checkpoint::load(r)?;
+        trainer.restore(&ck, r)?;
+        eprintln!(
+            "resuming from {} at epoch {}, update {}",
+            r.display(),
+            trainer.epoch,
+            trainer.update
+        );
+    }
+    let labels = dataset.labels_file();
+    let dataset = Arc::new(dataset);
+    let mut evaluator = match (&a.val_annotations, &a.val_images) {
+        (Some(ann), Some(dir)) => Some(crate::eval_model::evaluator(ann, dir, &trainer)?),
+        _ => None,
+    };
+    let t0 = std::time::Instant::now();
+    trainer.run(
+        Arc::clone(&dataset),
+        &a.out,
+        evaluator.as_mut().map(|e| e as &mut Evaluator<'_>),
+        &mut progress_printer(),
+    )?;
+    eprintln!();
+    finish(
+        &a,
+        &trainer,
+        &labels,
+        dataset.samples.len(),
+        t0.elapsed().as_secs_f64(),
+    )
+}
+
+/// Final artefacts: EMA weights, labels, metrics, curves, model card.
+fn finish(
+    a: &TrainArgs,
+    t: &Trainer,
+    labels: &str,
+    n_images: usize,
+    secs: f64,
+) -> anyhow::Result<()> {
+    let out = &a.out;
+    let weights = t.ema_weights();
+    let bytes = effdet::train::optim::serialize_tensors(&weights)?;
+    write_atomic(&out.join("model.safetensors"), &bytes)?;
+    if a.f16 {
+        write_atomic(&out.join("model_f16.safetensors"), &to_f16_bytes(&weights)?)?;
+    }
+    write_atomic(&out.join("labels.txt"), labels.as_bytes())?;
+    write_metrics_csv(&out.join("metrics.csv"), &t.history)?;
+    write_atomic(&out.join("curves.svg"), curves_svg(&t.history).as_bytes())?;
+    let last_val = t.history.iter().rev().find(|r| r.val_ap.is_some());
+    let last_train = t.history.iter().rev().find(|r| r.val_ap.is_none());
+    let cmd: Vec<String> = std::env::args().collect();
+    let card = format!(
+        "# EfficientDet-D0 trained with effdet-rs\n\n\
+         - command: `{}`\n\
+         - training data: {} ({} usable images), validation: {}\n\
+         - classes ({}): see labels.txt\n\
+         - input {}x{}, batch {}, {} updates ({} epochs planned), {:.0} s on the CPU\n\
+         - settings: `{}`\n\
+         - final training loss (last window): {}\n\
+         - validation COCO AP@[.5:.95] / AP50 of the EMA weights: {}\n\
+         - files: model.safetensors (EMA weights, f32, effdet names){}, labels.txt, metrics.csv, curves.svg\n\n\
+         Use: `effdet detect --weights model.safetensors --labels labels.txt --image IMG` (the\n\
+         number of classes comes from the weights; the network input was {}x{}).\n",
+        cmd.join(" "),
+        a.train_annotations.display(),
+        n_images,
+        a.val_annotations
+            .as_ref()
+            .map_or("none".to_string(), |p| p.display().to_string()),
+        t.net.config().num_classes,
+        t.cfg.input_size,
+        t.cfg.input_size,
+        t.cfg.batch_size,
+        t.update,
+        t.cfg.epochs,
+        secs,
+        serde_json::to_string(&t.cfg).context("settings")?,
+        last_train.map_or("n/a".into(), |r| format!("{:.4}", r.loss)),
+        last_val.map_or("not evaluated".into(), |r| format!(
+            "{:.4} / {:.4}",
+            r.val_ap.unwrap_or(0.0),
+            r.val_ap50.unwrap_or(0.0)
+        )),
+        if a.f16 { ", model_f16.safetensors" } else { "" },
+        t.cfg.input_size,
+        t.cfg.input_size,
+    );
+    write_atomic(&out.join("MODEL_CARD.md"), card.as_bytes())?;
+    eprintln!(
+        "weights, labels, metrics and model card written to {}",
+        out.display()
+    );
+    Ok(())
+}
+
+fn to_f16_bytes(tensors: &BTreeMap<String, Tensor>) -> anyhow::Result<Vec<u8>> {
+    let raw: Vec<(&String, Vec<u8>, &Tensor)> = tensors
+        .iter()
+        .map(|(k, t)| {
+            let b = t
+                .data()
+                .iter()
+                .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                .collect();
+            (k, b, t)
+        })
+        .collect();
+    let mut views = Vec::with_capacity(raw.len());
+    for (k, b, t) in &raw {
+        views.push((
+            k.as_str(),
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F16, t.shape().to_vec(), b)
+                .map_err(|e| anyhow::anyhow!("tensor {k}: {e}"))?,
+        ));
+    }
+    Ok(safetensors::serialize(views, None)?)
+}
