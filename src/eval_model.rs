@@ -10,7 +10,7 @@ use effdet::eval::{CocoDetection, CocoStats, Detections, evaluate};
 use effdet::model::{EfficientDetConfig, WeightStore};
 use effdet::postprocess::PostprocessConfig;
 use effdet::train::coco::CocoAnnotations;
-use effdet::train::trainer::Trainer;
+use effdet::train::trainer::{Evaluator, Trainer};
 use effdet::{Detector, DetectorOptions, Error};
 
 /// Detector settings for evaluation: effdet's (all 100 detections above 0.001, hard NMS).
@@ -95,7 +95,7 @@ pub fn evaluator(
     annotations: &Path,
     image_dir: &Path,
     trainer: &Trainer,
-) -> anyhow::Result<impl FnMut(&BTreeMap<String, Tensor>) -> effdet::Result<(f64, f64)> + use<>> {
+) -> anyhow::Result<Box<Evaluator<'static>>> {
     let gt = CocoAnnotations::open(annotations)?;
     class_to_category(&gt, trainer.net.config().num_classes)?;
     if !image_dir.is_dir() {
@@ -109,10 +109,10 @@ pub fn evaluator(
     }
     let image_dir = image_dir.to_path_buf();
     let (size, threads) = (trainer.cfg.input_size, trainer.cfg.threads);
-    Ok(move |weights: &BTreeMap<String, Tensor>| {
+    Ok(Box::new(move |weights: &BTreeMap<String, Tensor>| {
         let store = WeightStore::from_tensors("<EMA weights>", weights);
         let (stats, _) = evaluate_weights(&store, &gt, &image_dir, size, threads)
             .map_err(|e| Error::InvalidArgument(format!("validation failed: {e:#}")))?;
         Ok((stats.ap, stats.ap50))
-    })
+    }))
 }

@@ -52,6 +52,7 @@ pub mod model;
 pub mod postprocess;
 pub mod preprocess;
 pub mod rng;
+pub mod synth;
 pub mod train;
 
 pub use detection::Detection;

@@ -14,6 +14,8 @@ use effdet::image_io::{draw_boxes, load_image, save_png};
 use effdet::postprocess::{NmsMethod, PostprocessConfig};
 use effdet::{BackendKind, Detector, DetectorOptions, Error, Frame, PixelFormat};
 
+mod synth_cmd;
+
 /// Exit status for errors in the weights file (missing, corrupt, wrong tensors).
 const EXIT_WEIGHTS: u8 = 3;
 /// Exit status for an unreadable, corrupt or unsupported image.
@@ -53,6 +55,8 @@ enum Command {
     Train(Box<train_cmd::TrainArgs>),
     /// Measure training-step time (forward, loss, backward, clipping, SGD) and peak memory.
     BenchTrain(BenchTrainArgs),
+    /// Generate a synthetic shapes detection dataset (COCO train/val, labels) and a test video.
+    Synth(synth_cmd::SynthArgs),
     /// Evaluate detections against COCO ground truth: AP/AR exactly as pycocotools' COCOeval.
     Eval(eval_cmd::EvalArgs),
 }
@@ -197,6 +201,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench(a),
         Command::Loss(a) => loss(a),
         Command::BenchTrain(a) => bench_train(a),
+        Command::Synth(a) => synth_cmd::run(a),
         Command::Train(a) => train_cmd::train(*a),
         Command::Eval(a) => eval_cmd::eval(a),
     };

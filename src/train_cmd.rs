@@ -14,7 +14,7 @@ use effdet::train::checkpoint::{Checkpoint, write_atomic};
 use effdet::train::dataset::{Dataset, DatasetOptions};
 use effdet::train::model::TrainNet;
 use effdet::train::trainer::{
-    Evaluator, LogRow, TrainConfig, Trainer, curves_svg, model_config, write_metrics_csv,
+    LogRow, TrainConfig, Trainer, curves_svg, model_config, write_metrics_csv,
 };
 
 #[derive(clap::Args)]
@@ -203,7 +203,7 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
     trainer.run(
         Arc::clone(&dataset),
         &a.out,
-        evaluator.as_mut().map(|e| e as &mut Evaluator<'_>),
+        evaluator.as_deref_mut(),
         &mut progress_printer(),
     )?;
     eprintln!();
