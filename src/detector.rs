@@ -95,6 +95,11 @@ impl std::fmt::Debug for Detector {
     }
 }
 
+/// Weights metadata key: the square network input size the model was trained at.
+pub const META_IMAGE_SIZE: &str = "effdet.image_size";
+/// Weights metadata key: the label file text (`<class> <name>` lines).
+pub const META_LABELS: &str = "effdet.labels";
+
 impl Detector {
     /// Loads weights (effdet-named safetensors, f32/f16/bf16) and builds the detector.
     pub fn new(weights: impl AsRef<Path>, options: DetectorOptions) -> Result<Self> {
@@ -106,9 +111,27 @@ impl Detector {
     ///
     /// The number of classes is taken from the weights (the class predictor has
     /// `anchors * classes` outputs), so models trained on other datasets load without extra
-    /// settings; give their label file in `options.labels`.
+    /// settings. Weights written by `effdet train` also carry their input size
+    /// (`effdet.image_size`, used unless `options.config.image_size` was changed from D0's
+    /// 512x512) and class names (`effdet.labels`, used unless `options.labels` is given).
     pub fn from_weights(store: &WeightStore, options: DetectorOptions) -> Result<Self> {
         let mut options = options;
+        let meta = store.metadata();
+        if options.config.image_size == EfficientDetConfig::d0().image_size
+            && let Some(v) = meta.get(META_IMAGE_SIZE)
+        {
+            let s: usize = v.parse().map_err(|_| Error::WeightsFormat {
+                path: store.path().to_path_buf(),
+                reason: format!("metadata {META_IMAGE_SIZE} = {v:?} is not a size"),
+            })?;
+            if s == 0 || !s.is_multiple_of(128) {
+                return Err(Error::WeightsFormat {
+                    path: store.path().to_path_buf(),
+                    reason: format!("metadata {META_IMAGE_SIZE} = {s} is not a multiple of 128"),
+                });
+            }
+            options.config.image_size = (s, s);
+        }
         let a = options.config.anchors_per_location();
         if let Some((_, shape)) = store
             .names()
@@ -117,9 +140,13 @@ impl Detector {
         {
             options.config.num_classes = shape[0] / a;
         }
-        let labels = match &options.labels {
-            Some(p) => Labels::from_file(p)?,
-            None => Labels::coco(),
+        let labels = match (&options.labels, meta.get(META_LABELS)) {
+            (Some(p), _) => Labels::from_file(p)?,
+            (None, Some(text)) => Labels::parse(text).map_err(|reason| Error::WeightsFormat {
+                path: store.path().to_path_buf(),
+                reason: format!("metadata {META_LABELS}: {reason}"),
+            })?,
+            (None, None) => Labels::coco(),
         };
         let cfg = &options.config;
         let anchors = Anchors::new(&AnchorConfig {

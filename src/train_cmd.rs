@@ -8,11 +8,12 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use effdet::Error;
-use effdet::compute::Tensor;
+use effdet::detector::{META_IMAGE_SIZE, META_LABELS};
 use effdet::model::WeightStore;
 use effdet::train::checkpoint::{Checkpoint, write_atomic};
 use effdet::train::dataset::{Dataset, DatasetOptions};
 use effdet::train::model::TrainNet;
+use effdet::train::optim::serialize_tensors_with;
 use effdet::train::trainer::{
     LogRow, TrainConfig, Trainer, curves_svg, model_config, write_metrics_csv,
 };
@@ -226,10 +227,21 @@ fn finish(
 ) -> anyhow::Result<()> {
     let out = &a.out;
     let weights = t.ema_weights();
-    let bytes = effdet::train::optim::serialize_tensors(&weights)?;
-    write_atomic(&out.join("model.safetensors"), &bytes)?;
+    // The input size and class names travel in the file, so the detector and the GStreamer
+    // element need no extra settings.
+    let meta = BTreeMap::from([
+        (META_IMAGE_SIZE.to_string(), t.cfg.input_size.to_string()),
+        (META_LABELS.to_string(), labels.to_string()),
+    ]);
+    write_atomic(
+        &out.join("model.safetensors"),
+        &serialize_tensors_with(&weights, meta.clone(), false)?,
+    )?;
     if a.f16 {
-        write_atomic(&out.join("model_f16.safetensors"), &to_f16_bytes(&weights)?)?;
+        write_atomic(
+            &out.join("model_f16.safetensors"),
+            &serialize_tensors_with(&weights, meta, true)?,
+        )?;
     }
     write_atomic(&out.join("labels.txt"), labels.as_bytes())?;
     write_metrics_csv(&out.join("metrics.csv"), &t.history)?;
@@ -247,8 +259,8 @@ fn finish(
          - final training loss (last window): {}\n\
          - validation COCO AP@[.5:.95] / AP50 of the EMA weights: {}\n\
          - files: model.safetensors (EMA weights, f32, effdet names){}, labels.txt, metrics.csv, curves.svg\n\n\
-         Use: `effdet detect --weights model.safetensors --labels labels.txt --image IMG` (the\n\
-         number of classes comes from the weights; the network input was {}x{}).\n",
+         Use: `effdet detect --weights model.safetensors --image IMG`: the number of classes,\n\
+         the class names and the input size ({}x{}) are read from the weights file.\n",
         cmd.join(" "),
         a.train_annotations.display(),
         n_images,
@@ -279,27 +291,4 @@ fn finish(
         out.display()
     );
     Ok(())
-}
-
-fn to_f16_bytes(tensors: &BTreeMap<String, Tensor>) -> anyhow::Result<Vec<u8>> {
-    let raw: Vec<(&String, Vec<u8>, &Tensor)> = tensors
-        .iter()
-        .map(|(k, t)| {
-            let b = t
-                .data()
-                .iter()
-                .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
-                .collect();
-            (k, b, t)
-        })
-        .collect();
-    let mut views = Vec::with_capacity(raw.len());
-    for (k, b, t) in &raw {
-        views.push((
-            k.as_str(),
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F16, t.shape().to_vec(), b)
-                .map_err(|e| anyhow::anyhow!("tensor {k}: {e}"))?,
-        ));
-    }
-    Ok(safetensors::serialize(views, None)?)
 }

@@ -122,13 +122,12 @@ fn training_writes_its_artefacts_and_resumes_exactly() {
         assert_eq!(t, &b[k], "{k} differs after resume");
     }
 
-    // The trained weights load into the detector (12 classes from the weights).
+    // The trained weights load into the detector with no extra settings: 12 classes from the
+    // predictor's shape, names and input size from the file's metadata.
     let o = Command::new(env!("CARGO_BIN_EXE_effdet"))
         .arg("detect")
         .arg("--weights")
         .arg(full.join("model.safetensors"))
-        .arg("--labels")
-        .arg(full.join("labels.txt"))
         .arg("--image")
         .arg(imgs.join("img0.png"))
         .args(["--json", "--score-threshold", "0"])
@@ -136,12 +135,19 @@ fn training_writes_its_artefacts_and_resumes_exactly() {
         .unwrap();
     ok(&o);
     let dets: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert!(
-        dets.as_array()
-            .unwrap()
-            .iter()
-            .all(|d| d["class_id"].as_u64().unwrap() <= 12)
-    );
+    let names: Vec<&str> = labels
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once(' ').map(|(_, n)| n))
+        .collect();
+    let dets = dets.as_array().unwrap();
+    assert_eq!(dets.len(), 100);
+    for d in dets {
+        assert!(d["class_id"].as_u64().unwrap() <= 12);
+        assert!(names.contains(&d["label"].as_str().unwrap()), "{d}");
+    }
+    let store = effdet::model::WeightStore::open(full.join("model.safetensors")).unwrap();
+    assert_eq!(store.metadata()["effdet.image_size"], "128");
 
     // Incompatible checkpoints are refused, naming the mismatch.
     let other = dataset(dir.path(), Some(1));

@@ -22,6 +22,8 @@ pub struct WeightStore {
     path: PathBuf,
     tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
     taken: RefCell<BTreeSet<String>>,
+    /// The file's `__metadata__` (string pairs), e.g. `effdet.image_size` written by training.
+    metadata: BTreeMap<String, String>,
     /// Schema discovery ([`WeightStore::recording`]): every request is answered with zeros and
     /// recorded, in request order.
     recorded: Option<RefCell<Schema>>,
@@ -73,6 +75,11 @@ impl WeightStore {
             path: path.clone(),
             reason: e.to_string(),
         })?;
+        let metadata = SafeTensors::read_metadata(bytes)
+            .ok()
+            .and_then(|(_, m)| m.metadata().clone())
+            .map(|m| m.into_iter().collect())
+            .unwrap_or_default();
         let mut tensors = BTreeMap::new();
         for (key, view) in st.tensors() {
             if IGNORED_SUFFIXES.iter().any(|s| key.ends_with(s)) {
@@ -91,8 +98,15 @@ impl WeightStore {
             path,
             tensors,
             taken: RefCell::new(BTreeSet::new()),
+            metadata,
             recorded: None,
         })
+    }
+
+    /// The file's string metadata (`__metadata__`); `effdet.image_size` and `effdet.labels`
+    /// are read by [`crate::Detector`].
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
     }
 
     pub fn path(&self) -> &Path {
@@ -132,6 +146,7 @@ impl WeightStore {
                 .map(|(k, t)| (k.clone(), (t.shape().to_vec(), t.data().to_vec())))
                 .collect(),
             taken: RefCell::new(BTreeSet::new()),
+            metadata: BTreeMap::new(),
             recorded: None,
         }
     }
@@ -144,6 +159,7 @@ impl WeightStore {
             path: PathBuf::from("<schema>"),
             tensors: BTreeMap::new(),
             taken: RefCell::new(BTreeSet::new()),
+            metadata: BTreeMap::new(),
             recorded: Some(RefCell::new(Vec::new())),
         }
     }

@@ -965,20 +965,38 @@ pub fn save_tensors(path: impl AsRef<Path>, tensors: &BTreeMap<String, Tensor>) 
 
 /// Serialises named f32 tensors to safetensors bytes.
 pub fn serialize_tensors(tensors: &BTreeMap<String, Tensor>) -> Result<Vec<u8>> {
+    serialize_tensors_with(tensors, BTreeMap::new(), false)
+}
+
+/// Serialises named tensors with string metadata, as f32 or (`f16`) half precision.
+pub fn serialize_tensors_with(
+    tensors: &BTreeMap<String, Tensor>,
+    metadata: BTreeMap<String, String>,
+    f16: bool,
+) -> Result<Vec<u8>> {
+    let dtype = if f16 { Dtype::F16 } else { Dtype::F32 };
     let raw: Vec<(&String, Vec<u8>, &Tensor)> = tensors
         .iter()
         .map(|(k, t)| {
-            let bytes = t.data().iter().flat_map(|v| v.to_le_bytes()).collect();
+            let bytes = if f16 {
+                t.data()
+                    .iter()
+                    .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                    .collect()
+            } else {
+                t.data().iter().flat_map(|v| v.to_le_bytes()).collect()
+            };
             (k, bytes, t)
         })
         .collect();
     let mut views = Vec::with_capacity(raw.len());
     for (k, bytes, t) in &raw {
-        let view = safetensors::tensor::TensorView::new(Dtype::F32, t.shape().to_vec(), bytes)
+        let view = safetensors::tensor::TensorView::new(dtype, t.shape().to_vec(), bytes)
             .map_err(|e| Error::InvalidArgument(format!("tensor `{k}`: {e}")))?;
         views.push((k.as_str(), view));
     }
-    safetensors::serialize(views, None)
+    let metadata = (!metadata.is_empty()).then(|| metadata.into_iter().collect());
+    safetensors::serialize(views, metadata)
         .map_err(|e| Error::InvalidArgument(format!("cannot serialise tensors: {e}")))
 }
 
