@@ -53,12 +53,36 @@ enum Command {
     Loss(LossArgs),
     /// Train EfficientDet-D0 on a COCO-format dataset (the reference recipe by default).
     Train(Box<train_cmd::TrainArgs>),
+    /// Measure the training input pipeline alone (decode, augment, label, batch): images/s.
+    BenchData(BenchDataArgs),
     /// Measure training-step time (forward, loss, backward, clipping, SGD) and peak memory.
     BenchTrain(BenchTrainArgs),
     /// Generate a synthetic shapes detection dataset (COCO train/val, labels) and a test video.
     Synth(synth_cmd::SynthArgs),
     /// Evaluate detections against COCO ground truth: AP/AR exactly as pycocotools' COCOeval.
     Eval(eval_cmd::EvalArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchDataArgs {
+    /// Training annotations (COCO JSON).
+    #[arg(long, value_name = "FILE")]
+    annotations: PathBuf,
+    /// Folder of the training images.
+    #[arg(long, value_name = "DIR")]
+    images: PathBuf,
+    #[arg(long, default_value_t = 512, value_name = "S")]
+    size: usize,
+    #[arg(long, default_value_t = 8, value_name = "B")]
+    batch: usize,
+    /// Loader worker threads.
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    workers: usize,
+    /// Batches to time.
+    #[arg(long, default_value_t = 50, value_name = "K")]
+    batches: usize,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -201,6 +225,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench(a),
         Command::Loss(a) => loss(a),
         Command::BenchTrain(a) => bench_train(a),
+        Command::BenchData(a) => bench_data(a),
         Command::Synth(a) => synth_cmd::run(a),
         Command::Train(a) => train_cmd::train(*a),
         Command::Eval(a) => eval_cmd::eval(a),
@@ -461,6 +486,67 @@ fn loss(a: LossArgs) -> anyhow::Result<()> {
         if let Some(out) = &a.grads_out {
             println!("gradients written to {}", out.display());
         }
+    }
+    Ok(())
+}
+
+fn bench_data(a: BenchDataArgs) -> anyhow::Result<()> {
+    use effdet::train::dataset::{Dataset, DatasetOptions};
+    use effdet::train::loader::{Augment, Loader, LoaderConfig};
+    use effdet::train::model::TrainNet;
+    use std::sync::Arc;
+
+    let ds = Arc::new(Dataset::open(
+        &a.annotations,
+        &a.images,
+        DatasetOptions::default(),
+    )?);
+    let mut cfg = effdet::model::EfficientDetConfig::d0();
+    cfg.num_classes = ds.num_classes();
+    cfg.image_size = (a.size, a.size);
+    let labeler = Arc::new(TrainNet::init(cfg, 0)?.labeler()?);
+    let lc = LoaderConfig {
+        input_size: a.size,
+        batch_size: a.batch,
+        augment: Augment::effdet(),
+        workers: a.workers,
+        prefetch: 4,
+        seed: 0,
+        shuffle: true,
+        drop_last: true,
+        rank: 0,
+        world: 1,
+    };
+    let mut epoch = 0;
+    let mut done = 0usize;
+    // The first batch includes thread start-up; time the rest.
+    let mut start: Option<Instant> = None;
+    while done < a.batches + 1 {
+        for b in Loader::new(Arc::clone(&ds), Arc::clone(&labeler), &lc, epoch)? {
+            std::hint::black_box(b?);
+            done += 1;
+            if done == 1 {
+                start = Some(Instant::now());
+            }
+            if done == a.batches + 1 {
+                break;
+            }
+        }
+        epoch += 1;
+    }
+    let secs = start.map_or(0.0, |s| s.elapsed().as_secs_f64());
+    let ips = (a.batches * a.batch) as f64 / secs.max(1e-9);
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"size": a.size, "batch": a.batch, "workers": a.workers,
+                "batches": a.batches, "images_per_s": ips})
+        );
+    } else {
+        println!(
+            "input pipeline: {ips:.1} images/s ({} workers, {}x{}, batch {}, {} batches)",
+            a.workers, a.size, a.size, a.batch, a.batches
+        );
     }
     Ok(())
 }
