@@ -2,11 +2,11 @@
 //! the optimizer state and the run's progress and settings (as safetensors metadata), written
 //! atomically so a crash or a full disk never destroys the previous checkpoint.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use safetensors::{Dtype, SafeTensors};
+use safetensors::SafeTensors;
 
 use crate::compute::Tensor;
 use crate::error::{Error, Result};
@@ -32,27 +32,9 @@ impl Checkpoint {
 
     /// Serialises to safetensors bytes (f32 tensors, metadata in the header).
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        let raw: Vec<(&String, Vec<u8>, &Tensor)> = self
-            .tensors
-            .iter()
-            .map(|(k, t)| {
-                (
-                    k,
-                    t.data().iter().flat_map(|v| v.to_le_bytes()).collect(),
-                    t,
-                )
-            })
-            .collect();
-        let mut views = Vec::with_capacity(raw.len());
-        for (k, bytes, t) in &raw {
-            let view = safetensors::tensor::TensorView::new(Dtype::F32, t.shape().to_vec(), bytes)
-                .map_err(|e| Error::InvalidArgument(format!("tensor `{k}`: {e}")))?;
-            views.push((k.as_str(), view));
-        }
-        let mut meta: HashMap<String, String> = self.metadata.clone().into_iter().collect();
+        let mut meta = self.metadata.clone();
         meta.insert("format".into(), FORMAT.into());
-        safetensors::serialize(views, Some(meta))
-            .map_err(|e| Error::InvalidArgument(format!("cannot serialise checkpoint: {e}")))
+        crate::train::optim::serialize_tensors_with(&self.tensors, meta, false)
     }
 
     /// Reads a checkpoint; errors name the file and say what is wrong with it.

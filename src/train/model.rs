@@ -429,7 +429,7 @@ struct DropPath {
     rate: f32,
     total: usize,
     block: usize,
-    rng: u64,
+    rng: crate::rng::Rng,
 }
 
 impl DropPath {
@@ -438,17 +438,8 @@ impl DropPath {
             rate: opts.drop_path_rate,
             total,
             block: 0,
-            rng: opts.seed ^ 0x9E37_79B9_7F4A_7C15,
+            rng: crate::rng::Rng::new(opts.seed),
         }
-    }
-
-    /// splitmix64.
-    fn next_u64(&mut self) -> u64 {
-        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.rng;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
     }
 
     /// The keep probability and per-sample mask of the next block, `None` when it keeps all.
@@ -459,9 +450,7 @@ impl DropPath {
             return None;
         }
         let keep_prob = 1.0 - p;
-        let keep = (0..batch)
-            .map(|_| ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) < keep_prob)
-            .collect();
+        let keep = (0..batch).map(|_| self.rng.f32() < keep_prob).collect();
         Some((keep_prob, keep))
     }
 }

@@ -13,6 +13,7 @@
 
 use rayon::prelude::*;
 
+use super::SharedOut;
 use super::simd::{self, PaddedPlane};
 use crate::compute::{Activation, ConvSpec, Padding, Tensor};
 use crate::error::{Error, Result};
@@ -398,20 +399,6 @@ fn gemm_into(
             mnk,
             par,
         );
-    }
-}
-
-/// A raw output pointer shared by tasks that write disjoint tiles of one buffer.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: the tasks holding it write disjoint element sets (see `pointwise_backward`).
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    /// Taking `self` makes closures capture the whole (Send) wrapper, not its raw pointer field.
-    fn ptr(self) -> *mut f32 {
-        self.0
     }
 }
 

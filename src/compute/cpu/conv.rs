@@ -11,6 +11,7 @@
 
 use rayon::prelude::*;
 
+use super::SharedOut;
 use super::simd;
 use crate::compute::{Activation, ConvSpec, Tensor};
 use crate::error::{Error, Result};
@@ -157,20 +158,6 @@ fn gemm(dst: &mut [f32], lhs: &[f32], rhs: &[f32], m: usize, k: usize, n: usize)
             false,
             par,
         );
-    }
-}
-
-/// A raw output pointer shared by tasks that write disjoint column blocks of one matrix.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: tasks built from it write disjoint element sets (see `pointwise`).
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    /// Taking `self` makes closures capture the whole (Send) wrapper, not its raw pointer field.
-    fn ptr(self) -> *mut f32 {
-        self.0
     }
 }
 

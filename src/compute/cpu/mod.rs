@@ -54,6 +54,22 @@ impl CpuBackend {
     }
 }
 
+/// A raw output pointer shared by tasks that write disjoint parts (tiles, column blocks) of one
+/// buffer, as the convolution kernels' parallel loops do.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedOut(pub(crate) *mut f32);
+// SAFETY: every user hands it to tasks that write disjoint element sets (see `conv::pointwise`
+// and `backward::pointwise_backward`).
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// Taking `self` makes closures capture the whole (Send) wrapper, not its raw pointer field.
+    pub(crate) fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
 fn same_shape(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
     if a.shape() != b.shape() {
         return Err(Error::Shape {
