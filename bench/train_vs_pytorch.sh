@@ -21,13 +21,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-PY="${EFFDET_BENCH_PYTHON:-.venv/bin/python}"
-if ! [ -x "$PY" ] || ! "$PY" -c "import effdet, safetensors" 2>/dev/null; then
-  PY=.venv/bin/python
-  echo "== creating .venv with effdet (PyTorch peer)"
-  python3 -m venv .venv
-  .venv/bin/pip install -q -r tools/requirements.txt
-fi
+# The PyTorch peer: sets PY.
+source bench/peer_python.sh
 
 cargo build --release --locked --bin effdet
 rows=()
