@@ -6,6 +6,18 @@ cd "$(dirname "$0")/.."
 
 . scripts/ensure-deps.sh
 
+# NVRTC (no GPU needed) so that tests/cuda_nvrtc.rs compiles every CUDA kernel for sm_75..sm_90;
+# EFFDET_REQUIRE_NVRTC=1 turns a missing library into a test failure instead of a skip.
+nvrtc_venv="${EFFDET_NVRTC_VENV:-$HOME/.cache/effdet/nvrtc-venv}"
+if ! find "$nvrtc_venv" -name 'libnvrtc.so.13' 2>/dev/null | grep -q .; then
+  echo "== installing NVRTC (pip nvidia-cuda-nvrtc) into $nvrtc_venv"
+  python3 -m venv "$nvrtc_venv"
+  "$nvrtc_venv/bin/pip" install -q 'nvidia-cuda-nvrtc==13.5.37'
+fi
+nvrtc_lib=$(dirname "$(find "$nvrtc_venv" -name 'libnvrtc.so.13' | head -1)")
+export LD_LIBRARY_PATH="$nvrtc_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export EFFDET_REQUIRE_NVRTC=1
+
 echo "== compile check: gst-effdet's GstAnalytics output (feature analytics, GStreamer >= 1.24)"
 if pkg-config --exists 'gstreamer-analytics-1.0 >= 1.24'; then
   cargo check --locked -p gst-effdet --features analytics

@@ -64,6 +64,22 @@ pub enum Error {
     #[error("backend `{backend}` is unavailable: {reason}")]
     BackendUnavailable { backend: String, reason: String },
 
+    /// A CUDA call failed (driver, NVRTC, cuDNN, ...): which operation and what CUDA said.
+    #[error("CUDA error in {op}: {reason}")]
+    Gpu { op: String, reason: String },
+
+    /// The GPU ran out of memory; nothing was lost (the caller may retry smaller).
+    #[error("GPU out of memory in {op}: {detail}")]
+    GpuOutOfMemory { op: String, detail: String },
+
+    /// A CUDA kernel source failed to compile, or compiled with warnings.
+    #[error("kernel {kernel} does not compile cleanly for {arch}:\n{log}")]
+    KernelCompile {
+        kernel: String,
+        arch: String,
+        log: String,
+    },
+
     /// An internal shape inconsistency between operations: a bug, reported instead of panicking.
     #[error("internal shape error in {op}: {detail}")]
     Shape { op: &'static str, detail: String },

@@ -269,6 +269,10 @@ impl<'a> Frame<'a> {
     pub fn range(&self) -> YuvRange {
         self.range
     }
+    /// Plane `p`'s bytes from its first row (empty for planes the format does not have).
+    pub fn plane(&self, p: usize) -> &'a [u8] {
+        self.planes[p]
+    }
     /// Row stride of plane `p` in bytes.
     pub fn stride(&self, p: usize) -> usize {
         self.strides[p]

@@ -383,6 +383,16 @@ impl Coeffs {
         }
     }
 
+    /// One tap of weight 1.0 per output: what a skipped pass does.
+    fn identity(size: usize) -> Coeffs {
+        Coeffs {
+            ksize: 1,
+            start: (0..size).collect(),
+            len: vec![1; size],
+            k: vec![1 << PRECISION_BITS; size],
+        }
+    }
+
     fn taps(&self, i: usize) -> (usize, &[i32]) {
         let off = i * self.ksize;
         (self.start[i], &self.k[off..off + self.len[i]])
@@ -395,6 +405,90 @@ impl Coeffs {
             _ => (0, 0),
         }
     }
+}
+
+/// The integer taps of one resampling pass, as the GPU pre-processing kernel reads them
+/// (`src/compute/cuda/kernels/preprocess.cu`): output `i` reads `len[i]` source pixels from
+/// `start[i]` with 22-bit fixed-point weights `k[i * ksize..][..len[i]]`. A pass that Pillow
+/// skips (size unchanged) is the identity: one tap of weight `2^22` at `start[i] = i`, which the
+/// kernel's arithmetic maps to the source value unchanged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PassTaps {
+    pub ksize: usize,
+    pub start: Vec<i32>,
+    pub len: Vec<i32>,
+    pub k: Vec<i32>,
+}
+
+impl PassTaps {
+    fn new(in_size: usize, out_size: usize) -> PassTaps {
+        let c = if in_size == out_size {
+            Coeffs::identity(out_size)
+        } else {
+            Coeffs::bilinear(in_size, out_size)
+        };
+        // Sizes are below 2^31: frames are validated and the resized side is at most the input.
+        let to_i32 = |v: &[usize]| v.iter().map(|&x| x as i32).collect();
+        PassTaps {
+            ksize: c.ksize,
+            start: to_i32(&c.start),
+            len: to_i32(&c.len),
+            k: c.k,
+        }
+    }
+}
+
+/// Everything a one-kernel implementation of [`preprocess_into`] needs besides the pixels:
+/// the letterbox, both passes' taps and Pillow 13's pass order (see [`resize_bilinear`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ResizePlan {
+    pub letterbox: Letterbox,
+    /// Horizontal pass: one entry per resized column.
+    pub horizontal: PassTaps,
+    /// Vertical pass: one entry per resized row.
+    pub vertical: PassTaps,
+    /// Pillow runs the vertical pass first.
+    pub vertical_first: bool,
+}
+
+impl ResizePlan {
+    /// The plan for a `width` x `height` frame into a square `input_size` input.
+    /// Errors as [`Letterbox::new`].
+    pub fn new(width: usize, height: usize, input_size: usize) -> Result<ResizePlan> {
+        let letterbox = Letterbox::new(width, height, input_size)?;
+        let (out_w, out_h) = (letterbox.resized_width, letterbox.resized_height);
+        Ok(ResizePlan {
+            letterbox,
+            horizontal: PassTaps::new(width, out_w),
+            vertical: PassTaps::new(height, out_h),
+            vertical_first: vertical_first(width, height, out_w, out_h),
+        })
+    }
+}
+
+/// Pillow 13's pass order: vertical first when both passes run and the height shrinks by more
+/// than twice as many pixels as the width.
+fn vertical_first(in_w: usize, in_h: usize, out_w: usize, out_h: usize) -> bool {
+    in_w != out_w
+        && in_h != out_h
+        && out_h < in_h
+        && (in_h - out_h) as i128 > 2 * (in_w as i128 - out_w as i128)
+}
+
+/// The integer YUV -> RGB coefficients [`frame_to_rgb`] uses for a matrix and range:
+/// `[y_offset, k_y, k_rv, k_gu, k_gv, k_bu]`, each `k` as `round(k * 2^16)`.
+pub fn yuv_coefficients(matrix: YuvMatrix, range: YuvRange) -> [i32; 6] {
+    let c = YuvCoeffs::new(matrix, range);
+    [c.y_off, c.cy, c.crv, c.cgu, c.cgv, c.cbu]
+}
+
+/// The normalisation table [`normalise`] reads: `[channel * 256 + level]`.
+pub fn normalisation_table() -> [f32; 768] {
+    let mut t = [0f32; 768];
+    for (c, table) in NORM_LUT.iter().enumerate() {
+        t[c * 256..(c + 1) * 256].copy_from_slice(table);
+    }
+    t
 }
 
 #[inline(always)]
@@ -547,10 +641,7 @@ fn resize_source<S: RowSource>(src: &S, out_w: usize, out_h: usize) -> RgbImage 
     let out_stride = out_w * 3;
     let need_h = in_w != out_w;
     let need_v = in_h != out_h;
-    let vertical_first = need_h
-        && need_v
-        && out_h < in_h
-        && (in_h - out_h) as i128 > 2 * (in_w as i128 - out_w as i128);
+    let vertical_first = vertical_first(in_w, in_h, out_w, out_h);
 
     match (need_h, need_v) {
         (false, false) => {

@@ -9,6 +9,7 @@
 //! call and its backward, without touching the model code.
 
 pub mod cpu;
+pub mod cuda;
 mod tensor;
 
 pub use tensor::Tensor;

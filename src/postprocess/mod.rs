@@ -188,6 +188,12 @@ pub struct RawDetection {
     pub class_id: u32,
 }
 
+/// The IoU threshold as the NMS compares it: the f64 Python float effdet passes (e.g. exactly
+/// 0.5, or 0.6 rather than f32's 0.60000002), parsed from the f32's shortest decimal form.
+pub fn iou_threshold_f64(t: f32) -> f64 {
+    nms::threshold_f64(t)
+}
+
 /// Sigmoid as torch computes it in f32: `1 / (1 + exp(-x))`.
 #[inline]
 pub fn sigmoid(x: f32) -> f32 {

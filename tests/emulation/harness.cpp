@@ -1,0 +1,112 @@
+// Host emulation of the CUDA kernels for tests/cuda_emulated.rs: the kernel sources compiled
+// as C++ (EFFDET_HOST_EMULATION, see prelude.cuh) and launched by running every thread of the
+// grid in turn. Valid for kernels without shared memory or __syncthreads, which is all of
+// preprocess.cu and postprocess.cu. The launch sequence of emu_postprocess mirrors
+// src/compute/cuda/postprocess.rs (the GPU test covers that file itself).
+
+#include <cstddef>
+#include <cstring>
+#include <vector>
+
+#include "preprocess.cu"
+#include "postprocess.cu"
+
+thread_local effdet_dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+#define EMU_LAUNCH(grid, block, call)                                         \
+  do {                                                                        \
+    gridDim = grid;                                                           \
+    blockDim = block;                                                         \
+    for (unsigned bz = 0; bz < gridDim.z; ++bz)                               \
+      for (unsigned by = 0; by < gridDim.y; ++by)                             \
+        for (unsigned bx = 0; bx < gridDim.x; ++bx)                           \
+          for (unsigned tz = 0; tz < blockDim.z; ++tz)                        \
+            for (unsigned ty = 0; ty < blockDim.y; ++ty)                      \
+              for (unsigned tx = 0; tx < blockDim.x; ++tx) {                  \
+                blockIdx = effdet_dim3{bx, by, bz};                           \
+                threadIdx = effdet_dim3{tx, ty, tz};                          \
+                call;                                                         \
+              }                                                               \
+  } while (0)
+
+static unsigned blocks(long long n, unsigned b) { return (unsigned)((n + b - 1) / b > 0 ? (n + b - 1) / b : 1); }
+
+extern "C" {
+
+// Layout of the shared structs as this compiler sees them: sizes, then selected offsets.
+void emu_layout(size_t* out) {
+  out[0] = sizeof(PreprocessImage);
+  out[1] = offsetof(PreprocessImage, stride);
+  out[2] = offsetof(PreprocessImage, yuv);
+  out[3] = sizeof(TopkState);
+  out[4] = sizeof(DecodeImage);
+  out[5] = sizeof(GpuDetection);
+  out[6] = offsetof(GpuDetection, class_id);
+}
+
+void emu_preprocess(const PreprocessImage* images, int n, const float* lut, const int* fill,
+                    int size, half_t* out) {
+  effdet_dim3 grid{blocks(size, 16), blocks(size, 16), (unsigned)n};
+  EMU_LAUNCH(grid, (effdet_dim3{16, 16, 1}), preprocess_letterbox(images, lut, fill, size, out));
+}
+
+// One feature level of a batch: class [N][A*K][H][W] and box [N][A*4][H][W] FP16.
+struct EmuLevel {
+  const half_t* cls;
+  const half_t* box;
+  int height;
+  int width;
+};
+
+// The whole post-processing for `batch` images; dets[batch][max_det], counts[batch].
+void emu_postprocess(const EmuLevel* levels, int num_levels, int batch, int anchors_per_loc,
+                     int num_classes, const float* anchors, int num_anchors, u32 max_points,
+                     int max_det, double iou_threshold, float score_threshold,
+                     const DecodeImage* images, GpuDetection* dets, u32* counts) {
+  u32 n = (u32)num_anchors * num_classes;
+  u32 k = max_points < n ? max_points : n;
+  if (k == 0) k = 1;
+  int words = (int)((k + 63) / 64);
+  std::vector<float> logits((size_t)batch * n), codes((size_t)batch * num_anchors * 4);
+  std::vector<TopkState> states(batch);
+  std::vector<u32> hist((size_t)batch * 256, 0), classes((size_t)batch * k);
+  std::vector<u64> selected((size_t)batch * k), mask((size_t)batch * k * words),
+      removed((size_t)batch * words, 0);
+  std::vector<float> boxes((size_t)batch * k * 4), scores((size_t)batch * k);
+  int anchor0 = 0;
+  for (int l = 0; l < num_levels; ++l) {
+    const EmuLevel& lv = levels[l];
+    long long hw = (long long)lv.height * lv.width;
+    long long cls_stride = anchors_per_loc * num_classes * hw, box_stride = anchors_per_loc * 4 * hw;
+    effdet_dim3 grid{blocks(hw * anchors_per_loc, 64), (unsigned)batch, 1};
+    EMU_LAUNCH(grid, (effdet_dim3{64, 1, 1}),
+               gather_level(lv.cls, lv.box, cls_stride, box_stride, anchors_per_loc, num_classes,
+                            lv.height, lv.width, anchor0, logits.data(), (long long)n,
+                            codes.data(), (long long)num_anchors));
+    anchor0 += (int)(hw * anchors_per_loc);
+  }
+  effdet_dim3 per_image{blocks(batch, 64), 1, 1}, b64{64, 1, 1};
+  EMU_LAUNCH(per_image, b64, topk_init(states.data(), batch, max_points, n));
+  // A small grid, so that the grid-stride loops wrap several times.
+  effdet_dim3 scan{3, (unsigned)batch, 1};
+  for (int round = 0; round < 8; ++round) {
+    EMU_LAUNCH(scan, b64, topk_histogram(logits.data(), n, states.data(), round, hist.data()));
+    EMU_LAUNCH(per_image, b64, topk_select(hist.data(), states.data(), batch, round));
+  }
+  EMU_LAUNCH(scan, b64, topk_gather(logits.data(), n, states.data(), k, selected.data()));
+  effdet_dim3 per_cand{blocks(k, 64), (unsigned)batch, 1};
+  EMU_LAUNCH(per_cand, b64,
+             topk_rank_decode(selected.data(), k, states.data(), logits.data(), n, codes.data(),
+                              anchors, num_classes, images, boxes.data(), scores.data(),
+                              classes.data()));
+  effdet_dim3 per_word{blocks((long long)k * words, 64), (unsigned)batch, 1};
+  EMU_LAUNCH(per_word, b64,
+             nms_mask(boxes.data(), classes.data(), states.data(), k, words, iou_threshold,
+                      mask.data()));
+  EMU_LAUNCH(per_image, b64,
+             nms_reduce(mask.data(), states.data(), k, words, boxes.data(), scores.data(),
+                        classes.data(), images, batch, max_det, score_threshold, removed.data(),
+                        dets, counts));
+}
+
+}  // extern "C"
