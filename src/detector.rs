@@ -23,11 +23,16 @@ use crate::preprocess::{Letterbox, preprocess_into};
 /// Which engine runs the network.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum BackendKind {
-    /// The best engine available on this machine (today: the CPU).
+    /// The best engine available on this machine (today: the CPU; the CUDA engine joins when
+    /// its network is complete).
     #[default]
     Auto,
     /// The f32 CPU engine.
     Cpu,
+    /// The CUDA FP16 engine (`compute::cuda`). Its pre- and post-processing kernels exist; the
+    /// FP16 network does not yet, so building a detector with it fails with the reason (no GPU
+    /// or CUDA libraries here, or the unfinished engine).
+    Cuda,
 }
 
 impl std::str::FromStr for BackendKind {
@@ -36,14 +41,33 @@ impl std::str::FromStr for BackendKind {
         match s {
             "auto" => Ok(BackendKind::Auto),
             "cpu" => Ok(BackendKind::Cpu),
-            "cuda" | "tensorrt" => Err(Error::BackendUnavailable {
+            "cuda" => Ok(BackendKind::Cuda),
+            "tensorrt" => Err(Error::BackendUnavailable {
                 backend: s.into(),
-                reason: "this build has no GPU engine yet; use `cpu` or `auto`".into(),
+                reason: "this build has no TensorRT engine yet; use `cpu` or `auto`".into(),
             }),
             other => Err(Error::InvalidArgument(format!(
-                "unknown backend `{other}` (expected auto or cpu)"
+                "unknown backend `{other}` (expected auto, cpu or cuda)"
             ))),
         }
+    }
+}
+
+/// Why [`BackendKind::Cuda`] cannot build a detector on this machine.
+fn cuda_unavailable() -> Error {
+    let reason = crate::compute::cuda::unavailable_reason().unwrap_or_else(|| {
+        "a GPU is present, but the CUDA FP16 network is not implemented yet (GPU pre- and \
+         post-processing are); use `cpu` or `auto`"
+            .into()
+    });
+    // The probe's error already reads "backend `cuda` is unavailable: ..."; keep one prefix.
+    let reason = reason
+        .strip_prefix("backend `cuda` is unavailable: ")
+        .map(str::to_string)
+        .unwrap_or(reason);
+    Error::BackendUnavailable {
+        backend: "cuda".into(),
+        reason,
     }
 }
 
@@ -159,7 +183,13 @@ impl Detector {
         })?;
         let mut post = options.postprocess.clone();
         post.num_classes = cfg.num_classes;
+        if options.backend == BackendKind::Auto
+            && let Some(why) = crate::compute::cuda::unavailable_reason()
+        {
+            tracing::debug!("backend auto: using the CPU ({why})");
+        }
         let engine = match options.backend {
+            BackendKind::Cuda => return Err(cuda_unavailable()),
             BackendKind::Auto | BackendKind::Cpu => {
                 let backend = CpuBackend::new(options.threads)?;
                 let model = EfficientDet::load(&backend, store, options.config.clone())?;

@@ -137,7 +137,7 @@ struct ModelArgs {
     /// Weights: effdet `tf_efficientdet_d0` state_dict as safetensors (f32, f16 or bf16).
     #[arg(long, value_name = "FILE")]
     weights: PathBuf,
-    /// Compute engine: auto or cpu.
+    /// Compute engine: auto, cpu or cuda (cuda: not complete yet, reports why it cannot run).
     #[arg(long, default_value = "auto", value_name = "NAME")]
     backend: String,
     /// CPU worker threads (0 = one per core).

@@ -16,14 +16,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+mod kernel_cases;
+
 use effdet::compute::cuda::params::{DecodeImage, GpuDetection, PreprocessImage, TopkState};
-use effdet::frame::{Frame, PixelFormat, YuvMatrix, YuvRange};
-use effdet::postprocess::{
-    AnchorConfig, Anchors, ImageInfo, LevelOutput, PostprocessConfig, RawDetection, postprocess,
-};
-use effdet::preprocess::{FILL_RGB, ResizePlan, normalisation_table, preprocess};
+use effdet::frame::{Frame, PixelFormat};
+use effdet::postprocess::{PostprocessConfig, RawDetection};
+use effdet::preprocess::{FILL_RGB, ResizePlan, normalisation_table};
 use effdet::rng::Rng;
-use half::f16;
+use kernel_cases::*;
 use libloading::{Library, Symbol};
 
 fn library() -> &'static Library {
@@ -68,24 +68,6 @@ fn struct_layouts_match_the_kernels() {
     assert_eq!(c[4], std::mem::size_of::<DecodeImage>());
     assert_eq!(c[5], std::mem::size_of::<GpuDetection>());
     assert_eq!(c[6], std::mem::offset_of!(GpuDetection, class_id));
-}
-
-/// A random frame of `format` with padded strides (the owned planes and their strides).
-fn random_planes(
-    rng: &mut Rng,
-    format: PixelFormat,
-    w: usize,
-    h: usize,
-) -> (Vec<Vec<u8>>, Vec<usize>) {
-    let mut planes = Vec::new();
-    let mut strides = Vec::new();
-    for p in 0..format.num_planes() {
-        let (row_bytes, rows) = format.plane_extent(p, w, h);
-        let stride = row_bytes + rng.below(9) as usize;
-        planes.push((0..stride * rows).map(|_| rng.below(256) as u8).collect());
-        strides.push(stride);
-    }
-    (planes, strides)
 }
 
 type PreprocessFn =
@@ -137,54 +119,27 @@ fn check_batch(frames: &[Frame], size: usize) {
             out.as_mut_ptr(),
         );
     }
+    let plane = 3 * size * size;
     for (i, frame) in frames.iter().enumerate() {
-        let (cpu, _) = preprocess(frame, size).unwrap();
-        let got = &out[i * cpu.len()..(i + 1) * cpu.len()];
-        let mismatches: Vec<usize> = cpu
-            .iter()
-            .zip(got)
-            .enumerate()
-            .filter(|(_, (c, g))| f16::from_f32(**c).to_bits() != **g)
-            .map(|(j, _)| j)
-            .collect();
-        assert!(
-            mismatches.is_empty(),
-            "{} {}x{} -> {size}: {} of {} values differ, first at {} (cpu {} gpu bits {:#06x})",
+        let what = format!(
+            "{} {}x{} -> {size}",
             frame.format(),
             frame.width(),
-            frame.height(),
-            mismatches.len(),
-            cpu.len(),
-            mismatches[0],
-            cpu[mismatches[0]],
-            got[mismatches[0]]
+            frame.height()
         );
+        let want = cpu_input_f16(frame, size);
+        assert_same_bits(&what, &want, &out[i * plane..(i + 1) * plane]);
     }
 }
 
 #[test]
 fn preprocessing_matches_the_cpu_for_every_format_and_odd_sizes() {
-    use PixelFormat::*;
-    let formats = [Rgb, Rgba, Rgbx, Bgrx, Bgra, Nv12, I420];
-    // Down- and up-scaling, both pass orders (101x517 runs Pillow's vertical pass first), one
-    // pass only, no pass, odd sizes for the 4:2:0 chroma, a side clamped to 1 pixel.
-    let sizes = [
-        (37, 23),
-        (101, 517),
-        (7, 5),
-        (64, 64),
-        (33, 64),
-        (128, 96),
-        (1000, 10),
-        (65, 31),
-    ];
     let mut rng = Rng::new(7);
-    for format in formats {
-        for &(w, h) in &sizes {
-            let (planes, strides) = random_planes(&mut rng, format, w, h);
-            let refs: Vec<&[u8]> = planes.iter().map(|p| p.as_slice()).collect();
-            let frame = Frame::from_planes(format, w, h, &refs, &strides).unwrap();
-            check_batch(&[frame], 64);
+    let (m, r) = COLORIMETRIES[0];
+    for format in FORMATS {
+        for &(w, h) in &SIZES {
+            let owned = OwnedFrame::random(&mut rng, format, w, h);
+            check_batch(&[owned.frame(m, r)], 64);
         }
     }
 }
@@ -193,32 +148,17 @@ fn preprocessing_matches_the_cpu_for_every_format_and_odd_sizes() {
 fn preprocessing_a_mixed_batch_and_every_colorimetry() {
     use PixelFormat::*;
     let mut rng = Rng::new(11);
-    let specs = [
+    let owned: Vec<OwnedFrame> = [
         (Nv12, 61, 47),
         (Bgra, 20, 90),
         (I420, 45, 45),
         (Rgb, 300, 200),
-    ];
-    let owned: Vec<_> = specs
-        .iter()
-        .map(|&(f, w, h)| (f, w, h, random_planes(&mut rng, f, w, h)))
-        .collect();
-    let colorimetries = [
-        (YuvMatrix::Bt601, YuvRange::Limited),
-        (YuvMatrix::Bt709, YuvRange::Limited),
-        (YuvMatrix::Bt601, YuvRange::Full),
-        (YuvMatrix::Bt709, YuvRange::Full),
-    ];
-    for (m, r) in colorimetries {
-        let frames: Vec<Frame> = owned
-            .iter()
-            .map(|(f, w, h, (planes, strides))| {
-                let refs: Vec<&[u8]> = planes.iter().map(|p| p.as_slice()).collect();
-                Frame::from_planes(*f, *w, *h, &refs, strides)
-                    .unwrap()
-                    .with_colorimetry(m, r)
-            })
-            .collect();
+    ]
+    .iter()
+    .map(|&(f, w, h)| OwnedFrame::random(&mut rng, f, w, h))
+    .collect();
+    for (m, r) in COLORIMETRIES {
+        let frames: Vec<Frame> = owned.iter().map(|o| o.frame(m, r)).collect();
         check_batch(&frames, 48);
     }
 }
@@ -248,48 +188,18 @@ type PostprocessFn = unsafe extern "C" fn(
     *mut u32,
 );
 
-/// Random FP16 head outputs for `batch` images; logits on a coarse grid so that many are equal
-/// (the tie rules matter), box codes small.
-fn random_heads(
-    rng: &mut Rng,
-    anchors: &Anchors,
-    k: usize,
-    batch: usize,
-) -> Vec<(Vec<u16>, Vec<u16>)> {
-    let a = anchors.anchors_per_location();
-    anchors
-        .feat_sizes()
-        .iter()
-        .map(|&(h, w)| {
-            let cls = (0..batch * a * k * h * w)
-                .map(|_| f16::from_f32(((rng.normal() * 8.0).round() / 4.0 - 2.0) as f32).to_bits())
-                .collect();
-            let boxes = (0..batch * a * 4 * h * w)
-                .map(|_| f16::from_f32((rng.normal() * 0.6) as f32).to_bits())
-                .collect();
-            (cls, boxes)
-        })
-        .collect()
-}
-
 fn check_postprocess(cfg: &PostprocessConfig, batch: usize, seed: u64) {
-    let anchors = Anchors::new(&AnchorConfig::d0().with_image_size(128, 128)).unwrap();
+    let anchors = small_anchors();
     let k = cfg.num_classes;
     let mut rng = Rng::new(seed);
     let heads = random_heads(&mut rng, &anchors, k, batch);
-    let infos: Vec<ImageInfo> = (0..batch)
-        .map(|i| ImageInfo {
-            img_scale: 1.5 + i as f32 * 0.75,
-            orig_width: 150.0 + 20.0 * i as f32,
-            orig_height: 120.0,
-        })
-        .collect();
+    let infos = infos(batch);
     let levels: Vec<EmuLevel> = heads
         .iter()
         .zip(anchors.feat_sizes())
-        .map(|((c, b), &(h, w))| EmuLevel {
-            cls: c.as_ptr(),
-            boxes: b.as_ptr(),
+        .map(|(hd, &(h, w))| EmuLevel {
+            cls: hd.class.as_ptr(),
+            boxes: hd.boxes.as_ptr(),
             height: h as i32,
             width: w as i32,
         })
@@ -319,31 +229,8 @@ fn check_postprocess(cfg: &PostprocessConfig, batch: usize, seed: u64) {
             counts.as_mut_ptr(),
         );
     }
-    let a = anchors.anchors_per_location();
-    for img in 0..batch {
-        let f32s: Vec<(Vec<f32>, Vec<f32>)> = heads
-            .iter()
-            .zip(anchors.feat_sizes())
-            .map(|((c, b), &(h, w))| {
-                let (nc, nb) = (a * k * h * w, a * 4 * h * w);
-                let to = |v: &[u16]| v.iter().map(|&x| f16::from_bits(x).to_f32()).collect();
-                (
-                    to(&c[img * nc..(img + 1) * nc]),
-                    to(&b[img * nb..(img + 1) * nb]),
-                )
-            })
-            .collect();
-        let lv: Vec<LevelOutput> = f32s
-            .iter()
-            .zip(anchors.feat_sizes())
-            .map(|((c, b), &(h, w))| LevelOutput {
-                class: c,
-                boxes: b,
-                height: h,
-                width: w,
-            })
-            .collect();
-        let cpu = postprocess(&lv, &anchors, Some(infos[img]), cfg).unwrap();
+    for (img, info) in infos.iter().enumerate() {
+        let cpu = cpu_detections(&heads, &anchors, *info, cfg, img);
         let got: Vec<RawDetection> = dets[img * md..img * md + counts[img] as usize]
             .iter()
             .map(|d| RawDetection {
@@ -353,32 +240,13 @@ fn check_postprocess(cfg: &PostprocessConfig, batch: usize, seed: u64) {
             })
             .collect();
         assert!(!cpu.is_empty(), "the random heads must produce detections");
-        assert_eq!(got.len(), cpu.len(), "image {img}: detection count");
-        for (i, (g, c)) in got.iter().zip(&cpu).enumerate() {
-            assert_eq!(g, c, "image {img}, detection {i}");
-        }
+        assert_eq!(got, cpu, "image {img}");
     }
 }
 
 #[test]
 fn postprocessing_matches_the_cpu_exactly() {
-    // Defaults: 5000 candidates (torchvision's per-class NMS path), IoU 0.5, 100 detections.
-    let cfg = PostprocessConfig {
-        num_classes: 6,
-        ..Default::default()
-    };
-    check_postprocess(&cfg, 2, 1);
-}
-
-#[test]
-fn postprocessing_with_thresholds_and_few_detections() {
-    let cfg = PostprocessConfig {
-        num_classes: 3,
-        max_detection_points: 1500,
-        max_detections: 7,
-        iou_threshold: 0.6,
-        score_threshold: 0.5,
-        ..Default::default()
-    };
-    check_postprocess(&cfg, 3, 2);
+    for (cfg, batch, seed) in postprocess_cases() {
+        check_postprocess(&cfg, batch, seed);
+    }
 }

@@ -437,11 +437,9 @@ impl BaseTransformImpl for Effdet {
             Err(e) => return Err(gst::error_msg!(gst::LibraryError::Init, ["{e}"])),
         };
         if s.backend == Backend::Auto {
-            gst::warning!(
-                CAT,
-                imp = self,
-                "backend=auto: no GPU engine in this build, using the CPU engine"
-            );
+            let why = effdet::compute::cuda::unavailable_reason()
+                .unwrap_or_else(|| "the CUDA network engine is not complete yet".into());
+            gst::info!(CAT, imp = self, "backend=auto: using the CPU engine ({why})");
         }
         let options = DetectorOptions {
             backend,

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Runs on the GPU host (copied into gpu-pack/ by scripts/gpu/build.sh): finds the CUDA
+# libraries, runs the GPU tests (a missing GPU fails them: EFFDET_REQUIRE_GPU=1), and writes
+# logs and results under $OUT (default: gpu-pack/out).
+set -uo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+out="${OUT:-$here/out}"
+mkdir -p "$out"
+exec > >(tee "$out/run.log") 2>&1
+
+echo "== machine"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+echo "commit $(cat "$here/COMMIT" 2>/dev/null)"; date -u +%FT%TZ
+
+# CUDA libraries: the driver's libcuda (/usr/local/nvidia or the system) and pip's NVIDIA
+# wheels (nvrtc, cudnn, cublas) under the host Python's site-packages.
+libs=""
+for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/lib/x86_64-linux-gnu; do
+  [ -e "$d/libcuda.so.1" ] && libs="$libs:$d"
+done
+site=$(python3 -c "import nvidia, os; print(os.path.dirname(list(nvidia.__path__)[0]))" 2>/dev/null || true)
+if [ -n "$site" ]; then
+  while read -r d; do libs="$libs:$d"; done < <(find "$site/nvidia" -name 'lib*.so*' -printf '%h\n' | sort -u)
+fi
+export LD_LIBRARY_PATH="${libs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export EFFDET_REQUIRE_GPU=1 EFFDET_REQUIRE_NVRTC=1
+export EFFDET_KERNEL_CACHE="$here/kernel-cache"
+
+status=0
+for t in "$here"/bin/cuda_*; do
+  [ -x "$t" ] || continue
+  echo "== $(basename "$t")"
+  "$t" --test-threads=1 2>&1 | tee "$out/$(basename "$t").log" || status=1
+done
+echo "== done (status $status)"
+exit $status
