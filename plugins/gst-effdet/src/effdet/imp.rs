@@ -29,6 +29,26 @@ static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
 });
 
 const DEFAULT_BACKEND: Backend = Backend::Auto;
+
+/// The model this repository trained and ships (EfficientDet-D0 on the synthetic shapes
+/// dataset, 256x256 input; see models/README.md), as a path fixed when the plugin is built.
+const BUNDLED_MODEL: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../models/effdet-d0-shapes256.safetensors"
+);
+
+/// The `model` property's default: `$EFFDET_MODEL` when set, otherwise the bundled model when
+/// its file exists (a plugin built from this repository), otherwise none.
+fn default_model() -> Option<PathBuf> {
+    if let Some(m) = std::env::var_os("EFFDET_MODEL").filter(|m| !m.is_empty()) {
+        return Some(PathBuf::from(m));
+    }
+    let bundled = std::path::Path::new(BUNDLED_MODEL);
+    bundled.is_file().then(|| {
+        // Tidy the `plugins/gst-effdet/../../` for messages; the raw path works as well.
+        bundled.canonicalize().unwrap_or_else(|_| bundled.to_path_buf())
+    })
+}
 const DEFAULT_DEVICE_ID: u32 = 0;
 const DEFAULT_SCORE_THRESHOLD: f64 = 0.3;
 const DEFAULT_IOU_THRESHOLD: f64 = 0.5;
@@ -56,7 +76,7 @@ struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Settings {
-            model: None,
+            model: default_model(),
             backend: DEFAULT_BACKEND,
             device_id: DEFAULT_DEVICE_ID,
             score_threshold: DEFAULT_SCORE_THRESHOLD,
@@ -226,7 +246,8 @@ impl ObjectImpl for Effdet {
             vec![
                 glib::ParamSpecString::builder("model")
                     .nick("Model")
-                    .blurb("Weights file: an effdet tf_efficientdet_d0 state_dict as safetensors (f32/f16/bf16). Loaded once when the element starts")
+                    .blurb("Weights file: an effdet tf_efficientdet_d0 state_dict as safetensors (f32/f16/bf16). Loaded once when the element starts. Default: $EFFDET_MODEL, else the model bundled with the plugin's source (6 synthetic shape classes)")
+                    .default_value(default_model().as_deref().and_then(|p| p.to_str()))
                     .mutable_ready()
                     .build(),
                 glib::ParamSpecEnum::builder_with_default("backend", DEFAULT_BACKEND)
@@ -304,10 +325,12 @@ impl ObjectImpl for Effdet {
         let mut s = lock(&self.settings);
         match pspec.name() {
             "model" => {
+                // An empty string unsets the model (start then fails with "No model set").
                 s.model = value
                     .get::<Option<String>>()
                     .ok()
                     .flatten()
+                    .filter(|m| !m.is_empty())
                     .map(PathBuf::from)
             }
             "backend" => s.backend = value.get().unwrap_or(DEFAULT_BACKEND),
