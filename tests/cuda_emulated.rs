@@ -250,3 +250,382 @@ fn postprocessing_matches_the_cpu_exactly() {
         check_postprocess(&cfg, batch, seed);
     }
 }
+
+// ------------------------------------------------------------------------------------------
+// The network's kernels (conv.cu, elementwise.cu) against the CPU engine's ops.
+//
+// Inputs are FP16 values; the CPU computes in f32 on the same values. The kernels accumulate in
+// FP32 (a different order) and round the result to FP16, so they agree with the CPU to FP16
+// rounding: |gpu - cpu| <= 2^-10 |cpu| + 1e-5 (one FP16 ulp, plus the f32 order noise).
+// ------------------------------------------------------------------------------------------
+
+use effdet::compute::cpu::CpuBackend;
+use effdet::compute::cuda::params::{ConvParams, activation_code};
+use effdet::compute::{Activation, Backend, ConvSpec, Padding, Tensor};
+use half::f16;
+
+/// A random FP16-representable tensor: (its FP16 bits, the same values as an f32 Tensor).
+fn random_half(rng: &mut Rng, shape: &[usize], scale: f64) -> (Vec<u16>, Tensor) {
+    let n: usize = shape.iter().product();
+    let bits: Vec<u16> = (0..n)
+        .map(|_| f16::from_f32((rng.normal() * scale) as f32).to_bits())
+        .collect();
+    let vals = bits.iter().map(|&b| f16::from_bits(b).to_f32()).collect();
+    (bits, Tensor::new(shape.to_vec(), vals).unwrap())
+}
+
+fn assert_close_f16(what: &str, cpu: &Tensor, got: &[u16]) {
+    assert_eq!(cpu.len(), got.len(), "{what}: lengths");
+    for (i, (&c, &g)) in cpu.data().iter().zip(got).enumerate() {
+        let g = f16::from_bits(g).to_f32();
+        assert!(
+            (g - c).abs() <= c.abs() / 1024.0 + 1e-5,
+            "{what}: element {i}: kernel {g}, cpu {c}"
+        );
+    }
+}
+
+fn cpu() -> CpuBackend {
+    CpuBackend::new(1).unwrap()
+}
+
+type ConvFn =
+    unsafe extern "C" fn(*const u16, *const u16, *const u16, *const u16, *mut u16, ConvParams);
+
+#[test]
+fn conv_kernel_matches_the_cpu_engine() {
+    let mut rng = Rng::new(21);
+    let same = Padding::Same;
+    // (input NCHW, cout, kernel, stride, groups, padding, act, bias, residual)
+    let cases = [
+        (
+            [2, 3, 17, 13],
+            8,
+            3,
+            2,
+            1,
+            same,
+            Activation::Swish,
+            true,
+            false,
+        ), // the stem
+        (
+            [1, 6, 15, 11],
+            6,
+            5,
+            2,
+            6,
+            same,
+            Activation::None,
+            false,
+            false,
+        ), // depthwise, s2
+        (
+            [2, 16, 9, 7],
+            16,
+            3,
+            1,
+            16,
+            same,
+            Activation::Swish,
+            true,
+            false,
+        ), // depthwise, s1
+        (
+            [2, 24, 5, 6],
+            12,
+            1,
+            1,
+            1,
+            same,
+            Activation::None,
+            true,
+            true,
+        ), // 1x1 + residual
+        (
+            [1, 8, 7, 7],
+            4,
+            3,
+            1,
+            1,
+            Padding::Explicit {
+                top: 0,
+                bottom: 2,
+                left: 1,
+                right: 0,
+            },
+            Activation::Sigmoid,
+            true,
+            false,
+        ), // explicit padding (the CPU has no general groups)
+        (
+            [1, 4, 1, 1],
+            5,
+            1,
+            1,
+            1,
+            same,
+            Activation::Relu,
+            true,
+            false,
+        ), // 1x1 input (SE)
+    ];
+    let f: Symbol<ConvFn> = unsafe { library().get(b"emu_conv2d") }.unwrap();
+    for (shape, cout, k, stride, groups, padding, act, with_bias, with_res) in cases {
+        let [n, cin, h, w] = shape;
+        let (xb, xt) = random_half(&mut rng, &shape, 1.0);
+        let (wb, wt) = random_half(&mut rng, &[cout, cin / groups, k, k], 0.3);
+        let (bb, bt) = random_half(&mut rng, &[cout], 0.5);
+        let spec = ConvSpec {
+            stride,
+            groups,
+            padding,
+            act,
+        };
+        let (oh, pt, _) = padding.resolve(h, k, stride, true);
+        let (ow, pl, _) = padding.resolve(w, k, stride, false);
+        let (rb, rt) = random_half(&mut rng, &[n, cout, oh, ow], 1.0);
+        let want = cpu()
+            .conv2d(
+                &xt,
+                &wt,
+                with_bias.then_some(&bt),
+                spec,
+                with_res.then_some(&rt),
+            )
+            .unwrap();
+        let mut got = vec![0x7e01u16; n * cout * oh * ow];
+        let p = ConvParams {
+            n: n as i32,
+            cin: cin as i32,
+            h: h as i32,
+            w: w as i32,
+            cout: cout as i32,
+            kh: k as i32,
+            kw: k as i32,
+            oh: oh as i32,
+            ow: ow as i32,
+            stride: stride as i32,
+            groups: groups as i32,
+            pad_top: pt as i32,
+            pad_left: pl as i32,
+            act: activation_code(act),
+        };
+        let null = std::ptr::null();
+        // SAFETY: buffers sized as ConvParams describes; null bias/residual are allowed.
+        unsafe {
+            f(
+                xb.as_ptr(),
+                wb.as_ptr(),
+                if with_bias { bb.as_ptr() } else { null },
+                if with_res { rb.as_ptr() } else { null },
+                got.as_mut_ptr(),
+                p,
+            )
+        };
+        assert_close_f16(
+            &format!("conv {shape:?} k{k} s{stride} g{groups}"),
+            &want,
+            &got,
+        );
+    }
+}
+
+#[test]
+fn elementwise_kernels_match_the_cpu_engine() {
+    let lib = library();
+    let mut rng = Rng::new(22);
+    let shape = [2, 5, 7, 9];
+    let (n, c, h, w) = (2usize, 5usize, 7usize, 9usize);
+    let len = n * c * h * w;
+    let (xb, xt) = random_half(&mut rng, &shape, 2.0);
+    let (yb, yt) = random_half(&mut rng, &shape, 2.0);
+    let (zb, zt) = random_half(&mut rng, &shape, 2.0);
+    let (sb, st) = random_half(&mut rng, &[c], 1.0);
+    let (tb, tt) = random_half(&mut rng, &[c], 1.0);
+    let (gb, gt) = random_half(&mut rng, &[n, c, 1, 1], 1.0);
+    let b = cpu();
+    let mut out = vec![0x7e01u16; len];
+    // SAFETY (every block): buffers hold the element counts passed.
+    unsafe {
+        for act in [
+            Activation::None,
+            Activation::Swish,
+            Activation::Sigmoid,
+            Activation::Relu,
+        ] {
+            let f: Symbol<
+                unsafe extern "C" fn(
+                    *const u16,
+                    *mut u16,
+                    *const u16,
+                    *const u16,
+                    i64,
+                    i32,
+                    i64,
+                    i32,
+                ),
+            > = lib.get(b"emu_channel_affine").unwrap();
+            f(
+                xb.as_ptr(),
+                out.as_mut_ptr(),
+                sb.as_ptr(),
+                tb.as_ptr(),
+                len as i64,
+                c as i32,
+                (h * w) as i64,
+                activation_code(act),
+            );
+            assert_close_f16(
+                &format!("channel_affine {act:?}"),
+                &b.channel_affine(&xt, &st, &tt, act).unwrap(),
+                &out,
+            );
+            let f: Symbol<unsafe extern "C" fn(*const u16, *mut u16, i64, i32)> =
+                lib.get(b"emu_activation").unwrap();
+            f(
+                xb.as_ptr(),
+                out.as_mut_ptr(),
+                len as i64,
+                activation_code(act),
+            );
+            assert_close_f16(
+                &format!("activation {act:?}"),
+                &b.activation(&xt, act).unwrap(),
+                &out,
+            );
+        }
+        let f: Symbol<unsafe extern "C" fn(*const u16, *const u16, *mut u16, i64)> =
+            lib.get(b"emu_add").unwrap();
+        f(xb.as_ptr(), yb.as_ptr(), out.as_mut_ptr(), len as i64);
+        assert_close_f16("add", &b.add(&xt, &yt).unwrap(), &out);
+
+        let mut pooled = vec![0x7e01u16; n * c];
+        let f: Symbol<unsafe extern "C" fn(*const u16, *mut u16, i64, i64)> =
+            lib.get(b"emu_global_avg_pool").unwrap();
+        f(
+            xb.as_ptr(),
+            pooled.as_mut_ptr(),
+            (n * c) as i64,
+            (h * w) as i64,
+        );
+        assert_close_f16("global_avg_pool", &b.global_avg_pool(&xt).unwrap(), &pooled);
+
+        let f: Symbol<unsafe extern "C" fn(*const u16, *const u16, *mut u16, i64, i64)> =
+            lib.get(b"emu_scale_channels").unwrap();
+        f(
+            xb.as_ptr(),
+            gb.as_ptr(),
+            out.as_mut_ptr(),
+            len as i64,
+            (h * w) as i64,
+        );
+        assert_close_f16("scale_channels", &b.scale_channels(&xt, &gt).unwrap(), &out);
+
+        for (k, stride) in [(3, 2), (3, 1), (2, 2)] {
+            let (oh, pt, _) = Padding::Same.resolve(h, k, stride, true);
+            let (ow, pl, _) = Padding::Same.resolve(w, k, stride, false);
+            let mut pooled = vec![0x7e01u16; n * c * oh * ow];
+            let f: Symbol<
+                unsafe extern "C" fn(
+                    *const u16,
+                    *mut u16,
+                    i64,
+                    i32,
+                    i32,
+                    i32,
+                    i32,
+                    i32,
+                    i32,
+                    i32,
+                    i32,
+                ),
+            > = lib.get(b"emu_max_pool_same").unwrap();
+            f(
+                xb.as_ptr(),
+                pooled.as_mut_ptr(),
+                (n * c) as i64,
+                h as i32,
+                w as i32,
+                oh as i32,
+                ow as i32,
+                k as i32,
+                stride as i32,
+                pt as i32,
+                pl as i32,
+            );
+            assert_close_f16(
+                &format!("max_pool_same k{k} s{stride}"),
+                &b.max_pool_same(&xt, k, stride).unwrap(),
+                &pooled,
+            );
+        }
+        for (oh, ow) in [(14, 18), (4, 5), (15, 19)] {
+            let mut up = vec![0x7e01u16; n * c * oh * ow];
+            let f: Symbol<unsafe extern "C" fn(*const u16, *mut u16, i64, i32, i32, i32, i32)> =
+                lib.get(b"emu_upsample_nearest").unwrap();
+            f(
+                xb.as_ptr(),
+                up.as_mut_ptr(),
+                (n * c) as i64,
+                h as i32,
+                w as i32,
+                oh as i32,
+                ow as i32,
+            );
+            assert_close_f16(
+                &format!("upsample_nearest {oh}x{ow}"),
+                &b.upsample_nearest(&xt, oh, ow).unwrap(),
+                &up,
+            );
+        }
+        let f: Symbol<
+            unsafe extern "C" fn(
+                *const u16,
+                *const u16,
+                *const u16,
+                f32,
+                f32,
+                f32,
+                *mut u16,
+                i64,
+                i32,
+            ),
+        > = lib.get(b"emu_weighted_sum").unwrap();
+        let wts = [0.31f32, 0.52, 0.17];
+        f(
+            xb.as_ptr(),
+            yb.as_ptr(),
+            std::ptr::null(),
+            wts[0],
+            wts[1],
+            0.0,
+            out.as_mut_ptr(),
+            len as i64,
+            activation_code(Activation::Swish),
+        );
+        assert_close_f16(
+            "weighted_sum of 2",
+            &b.weighted_sum(&[&xt, &yt], &wts[..2], Activation::Swish)
+                .unwrap(),
+            &out,
+        );
+        f(
+            xb.as_ptr(),
+            yb.as_ptr(),
+            zb.as_ptr(),
+            wts[0],
+            wts[1],
+            wts[2],
+            out.as_mut_ptr(),
+            len as i64,
+            activation_code(Activation::Swish),
+        );
+        assert_close_f16(
+            "weighted_sum of 3",
+            &b.weighted_sum(&[&xt, &yt, &zt], &wts, Activation::Swish)
+                .unwrap(),
+            &out,
+        );
+    }
+}

@@ -145,3 +145,95 @@ fn a_missing_gpu_is_a_clear_error() {
     let e = GpuContext::new(999).unwrap_err();
     assert!(e.to_string().contains("no GPU 999"), "{e}");
 }
+
+/// The golden fixtures: here, or under `$EFFDET_REPO` on a GPU host where the repository copy
+/// lives elsewhere than where the test was built.
+fn golden_dir() -> std::path::PathBuf {
+    let root = std::env::var_os("EFFDET_REPO")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
+    root.join("tests/fixtures/golden")
+}
+
+fn iou(a: &effdet::Detection, b: &effdet::Detection) -> f32 {
+    let iw = (a.x2.min(b.x2) - a.x1.max(b.x1)).max(0.0);
+    let ih = (a.y2.min(b.y2) - a.y1.max(b.y1)).max(0.0);
+    let inter = iw * ih;
+    let area = |d: &effdet::Detection| (d.x2 - d.x1) * (d.y2 - d.y1);
+    inter / (area(a) + area(b) - inter)
+}
+
+fn rel_l2(ours: &[f32], want: &[f32]) -> f64 {
+    let (mut num, mut den) = (0f64, 0f64);
+    for (&a, &b) in ours.iter().zip(want) {
+        num += (f64::from(a) - f64::from(b)).powi(2);
+        den += f64::from(b).powi(2);
+    }
+    (num / den.max(1e-30)).sqrt()
+}
+
+/// The whole FP16 network against the CPU's f32 network on the golden weights and images:
+/// raw outputs within 1e-2 relative L2 per level (the bound; FP16 storage of every
+/// activation), and the CPU's confident detections found again (same class, IoU >= 0.9, score
+/// within 0.02) except where a near-tie can reorder them.
+#[test]
+fn fp16_network_matches_the_cpu_on_the_golden_images() {
+    use effdet::{BackendKind, Detector, DetectorOptions};
+    if gpu_or_skip("fp16_network_matches_the_cpu_on_the_golden_images").is_none() {
+        return;
+    }
+    let dir = golden_dir();
+    let weights = dir.join("weights_f16.safetensors");
+    let cpu = Detector::new(
+        &weights,
+        DetectorOptions {
+            backend: BackendKind::Cpu,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let gpu = Detector::new(
+        &weights,
+        DetectorOptions {
+            backend: BackendKind::Cuda,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(gpu.backend_name(), "cuda");
+    let images: Vec<_> = (0..3)
+        .map(|i| effdet::image_io::load_image(dir.join(format!("img{i}.png"))).unwrap())
+        .collect();
+    let frames: Vec<Frame> = images.iter().map(|im| im.frame().unwrap()).collect();
+    let (input, _) = cpu.preprocess(&frames).unwrap();
+    let want = cpu.forward(&input).unwrap();
+    let got = gpu.forward(&input).unwrap();
+    for (l, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g.class.shape(), w.class.shape());
+        let (ec, eb) = (
+            rel_l2(g.class.data(), w.class.data()),
+            rel_l2(g.boxes.data(), w.boxes.data()),
+        );
+        eprintln!("level {l}: relative L2 class {ec:.2e}, box {eb:.2e}");
+        assert!(ec <= 1e-2 && eb <= 1e-2, "level {l}: class {ec}, box {eb}");
+    }
+    let cpu_dets = cpu.detect_batch(&frames).unwrap();
+    let gpu_dets = gpu.detect_batch(&frames).unwrap();
+    for (i, (c, g)) in cpu_dets.iter().zip(&gpu_dets).enumerate() {
+        assert_eq!(c.len(), g.len(), "image {i}: detection count");
+        for d in c.iter().filter(|d| d.score >= 0.2) {
+            let found = g.iter().any(|e| {
+                e.class_id == d.class_id && iou(e, d) >= 0.9 && (e.score - d.score).abs() <= 0.02
+            });
+            assert!(
+                found,
+                "image {i}: {d:?} not found among the GPU's detections"
+            );
+        }
+    }
+    // A batch gives each image the detections it gets alone.
+    for (i, f) in frames.iter().enumerate() {
+        let one = gpu.detect(f).unwrap();
+        assert_eq!(one.len(), gpu_dets[i].len(), "image {i}: batch vs alone");
+    }
+}

@@ -25,6 +25,9 @@ fi
 export LD_LIBRARY_PATH="${libs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export EFFDET_REQUIRE_GPU=1 EFFDET_REQUIRE_NVRTC=1
 export EFFDET_KERNEL_CACHE="$here/kernel-cache"
+# The test binaries were built elsewhere: fixtures are found through the repository copy the
+# device runs in (its root is the working directory).
+export EFFDET_REPO="$PWD"
 
 status=0
 for t in "$here"/bin/cuda_*; do

@@ -1,7 +1,7 @@
 // Host emulation of the CUDA kernels for tests/cuda_emulated.rs: the kernel sources compiled
 // as C++ (EFFDET_HOST_EMULATION, see prelude.cuh) and launched by running every thread of the
 // grid in turn. Valid for kernels without shared memory or __syncthreads, which is all of
-// preprocess.cu and postprocess.cu. The launch sequence of emu_postprocess mirrors
+// preprocess.cu, postprocess.cu, conv.cu and elementwise.cu. The launch sequence of emu_postprocess mirrors
 // src/compute/cuda/postprocess.rs (the GPU test covers that file itself).
 
 #include <cstddef>
@@ -10,6 +10,8 @@
 
 #include "preprocess.cu"
 #include "postprocess.cu"
+#include "conv.cu"
+#include "elementwise.cu"
 
 thread_local effdet_dim3 threadIdx, blockIdx, blockDim, gridDim;
 
@@ -107,6 +109,39 @@ void emu_postprocess(const EmuLevel* levels, int num_levels, int batch, int anch
              nms_reduce(mask.data(), states.data(), k, words, boxes.data(), scores.data(),
                         classes.data(), images, batch, max_det, score_threshold, removed.data(),
                         dets, counts));
+}
+
+// One thread per element of an n-element output, 64 per block (launch shape of backend.rs).
+#define EMU_1D(n, call) EMU_LAUNCH((effdet_dim3{blocks(n, 64), 1, 1}), (effdet_dim3{64, 1, 1}), call)
+
+void emu_conv2d(const half_t* x, const half_t* w, const half_t* bias, const half_t* residual,
+                half_t* y, ConvParams p) {
+  EMU_1D((long long)p.n * p.cout * p.oh * p.ow, conv2d_direct(x, w, bias, residual, y, p));
+}
+void emu_channel_affine(const half_t* x, half_t* y, const half_t* scale, const half_t* shift,
+                        long long n, int channels, long long hw, int act) {
+  EMU_1D(n, channel_affine(x, y, scale, shift, n, channels, hw, act));
+}
+void emu_activation(const half_t* x, half_t* y, long long n, int act) {
+  EMU_1D(n, activation(x, y, n, act));
+}
+void emu_add(const half_t* a, const half_t* b, half_t* y, long long n) { EMU_1D(n, add(a, b, y, n)); }
+void emu_global_avg_pool(const half_t* x, half_t* y, long long planes, long long hw) {
+  EMU_1D(planes, global_avg_pool(x, y, planes, hw));
+}
+void emu_scale_channels(const half_t* x, const half_t* s, half_t* y, long long n, long long hw) {
+  EMU_1D(n, scale_channels(x, s, y, n, hw));
+}
+void emu_max_pool_same(const half_t* x, half_t* y, long long planes, int h, int w, int oh, int ow,
+                       int k, int stride, int pad_top, int pad_left) {
+  EMU_1D(planes * oh * ow, max_pool_same(x, y, planes, h, w, oh, ow, k, stride, pad_top, pad_left));
+}
+void emu_upsample_nearest(const half_t* x, half_t* y, long long planes, int h, int w, int oh, int ow) {
+  EMU_1D(planes * oh * ow, upsample_nearest(x, y, planes, h, w, oh, ow));
+}
+void emu_weighted_sum(const half_t* x0, const half_t* x1, const half_t* x2, float w0, float w1,
+                      float w2, half_t* y, long long n, int act) {
+  EMU_1D(n, weighted_sum(x0, x1, x2, w0, w1, w2, y, n, act));
 }
 
 }  // extern "C"

@@ -380,7 +380,10 @@ fn bad_input_is_an_error_on_the_bus() {
         &format!("{src} ! effdet model=/no/such/model.safetensors ! fakesink"),
         "not found",
     );
-    assert_bus_error(&format!("{src} ! effdet model=\"\" ! fakesink"), "No model set");
+    assert_bus_error(
+        &format!("{src} ! effdet model=\"\" ! fakesink"),
+        "No model set",
+    );
     let dir = tempfile::tempdir().unwrap();
     let corrupt = dir.path().join("corrupt.safetensors");
     std::fs::write(&corrupt, b"definitely not safetensors").unwrap();

@@ -50,8 +50,15 @@ pub const ELEMENTWISE: KernelSource = KernelSource {
     fmad: true,
 };
 
+/// Direct convolution with the fused epilogue (the reference path for every convolution).
+pub const CONV: KernelSource = KernelSource {
+    name: "conv.cu",
+    body: include_str!("kernels/conv.cu"),
+    fmad: true,
+};
+
 /// Every kernel source of the engine.
-pub const SOURCES: [KernelSource; 3] = [PREPROCESS, POSTPROCESS, ELEMENTWISE];
+pub const SOURCES: [KernelSource; 4] = [PREPROCESS, POSTPROCESS, ELEMENTWISE, CONV];
 
 /// Compute capabilities CI compiles every kernel for: Turing (T4), Ampere (A100), Jetson Orin,
 /// Ada (L4, RTX 40xx), Hopper (H100/H200).

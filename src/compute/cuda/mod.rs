@@ -6,6 +6,8 @@
 //! - `device` (feature `cuda`): probing, one context + stream per detector, typed errors.
 //! - `preprocess`, `postprocess` (feature `cuda`): the host side of the GPU pre- and
 //!   post-processing kernels.
+//! - `backend` (feature `cuda`): `CudaBackend`, the [`crate::compute::Backend`] the model runs
+//!   on: FP16 tensors, one kernel per op (`conv.cu`, `elementwise.cu`).
 //!
 //! The kernels' logic is tested without a GPU too: `tests/cuda_emulated.rs` compiles the same
 //! sources as C++ with a host shim (`EFFDET_HOST_EMULATION` in `prelude.cuh`) and checks them
@@ -19,6 +21,8 @@
 pub mod kernels;
 pub mod params;
 
+#[cfg(feature = "cuda")]
+pub mod backend;
 #[cfg(feature = "cuda")]
 mod device;
 #[cfg(feature = "cuda")]

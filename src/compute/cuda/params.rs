@@ -148,3 +148,38 @@ mod tests {
         assert_eq!(std::mem::size_of::<GpuDetection>(), 24);
     }
 }
+
+/// `struct ConvParams` in conv.cu: the shapes of one convolution (passed by value).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConvParams {
+    pub n: i32,
+    pub cin: i32,
+    pub h: i32,
+    pub w: i32,
+    pub cout: i32,
+    pub kh: i32,
+    pub kw: i32,
+    pub oh: i32,
+    pub ow: i32,
+    pub stride: i32,
+    pub groups: i32,
+    pub pad_top: i32,
+    pub pad_left: i32,
+    pub act: i32,
+}
+
+/// `EFFDET_ACT_*` in the kernels.
+pub fn activation_code(act: crate::compute::Activation) -> i32 {
+    use crate::compute::Activation::*;
+    match act {
+        None => 0,
+        Swish => 1,
+        Sigmoid => 2,
+        Relu => 3,
+    }
+}
+
+#[cfg(feature = "cuda")]
+// SAFETY: #[repr(C)] integers, the layout conv.cu declares.
+unsafe impl cudarc::driver::DeviceRepr for ConvParams {}

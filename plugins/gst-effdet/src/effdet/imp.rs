@@ -46,7 +46,9 @@ fn default_model() -> Option<PathBuf> {
     let bundled = std::path::Path::new(BUNDLED_MODEL);
     bundled.is_file().then(|| {
         // Tidy the `plugins/gst-effdet/../../` for messages; the raw path works as well.
-        bundled.canonicalize().unwrap_or_else(|_| bundled.to_path_buf())
+        bundled
+            .canonicalize()
+            .unwrap_or_else(|_| bundled.to_path_buf())
     })
 }
 const DEFAULT_DEVICE_ID: u32 = 0;
@@ -461,14 +463,19 @@ impl BaseTransformImpl for Effdet {
         };
         if s.backend == Backend::Auto {
             let why = effdet::compute::cuda::unavailable_reason()
-                .unwrap_or_else(|| "the CUDA network engine is not complete yet".into());
-            gst::info!(CAT, imp = self, "backend=auto: using the CPU engine ({why})");
+                .unwrap_or_else(|| "the CUDA engine is not validated on a GPU yet".into());
+            gst::info!(
+                CAT,
+                imp = self,
+                "backend=auto: using the CPU engine ({why})"
+            );
         }
         let options = DetectorOptions {
             backend,
             threads: s.threads as usize,
             labels: s.labels.clone(),
             postprocess: s.postprocess(),
+            device: s.device_id as usize,
             ..DetectorOptions::default()
         };
         let t = Instant::now();

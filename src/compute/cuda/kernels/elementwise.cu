@@ -20,13 +20,13 @@ __device__ __forceinline__ float activate(float x, int act) {
 }
 
 // y = act(y + bias[c]) + residual, in place; bias and residual may be null.
-extern "C" __global__ void bias_act_residual(half_t* __restrict__ y, const float* __restrict__ bias,
+extern "C" __global__ void bias_act_residual(half_t* __restrict__ y, const half_t* __restrict__ bias,
                                              const half_t* __restrict__ residual, long long n,
                                              int channels, long long hw, int act) {
   long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
   float v = h2f(y[i]);
-  if (bias) v += bias[(i / hw) % channels];
+  if (bias) v += h2f(bias[(i / hw) % channels]);
   v = activate(v, act);
   if (residual) v += h2f(residual[i]);
   y[i] = f2h(v);
@@ -34,13 +34,13 @@ extern "C" __global__ void bias_act_residual(half_t* __restrict__ y, const float
 
 // y = act(x * scale[c] + shift[c]) (inference batch norm when it is not folded).
 extern "C" __global__ void channel_affine(const half_t* __restrict__ x, half_t* __restrict__ y,
-                                          const float* __restrict__ scale,
-                                          const float* __restrict__ shift, long long n,
+                                          const half_t* __restrict__ scale,
+                                          const half_t* __restrict__ shift, long long n,
                                           int channels, long long hw, int act) {
   long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
   int c = (int)((i / hw) % channels);
-  y[i] = f2h(activate(h2f(x[i]) * scale[c] + shift[c], act));
+  y[i] = f2h(activate(h2f(x[i]) * h2f(scale[c]) + h2f(shift[c]), act));
 }
 
 // y = act(x).
