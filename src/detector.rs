@@ -247,7 +247,8 @@ impl Detector {
     }
 
     /// As [`detect_batch`](Self::detect_batch) with explicit post-processing settings (e.g. a
-    /// GStreamer element whose thresholds change while playing).
+    /// GStreamer element whose thresholds change while playing). `post.num_classes` is ignored:
+    /// the model's class count always applies.
     pub fn detect_batch_with(
         &self,
         frames: &[Frame],
@@ -256,6 +257,7 @@ impl Detector {
         if frames.is_empty() {
             return Ok(Vec::new());
         }
+        let post = &self.with_model_classes(post);
         #[cfg(feature = "cuda")]
         if let Engine::Cuda(e) = &self.engine {
             return e.detect_batch(self, frames, post);
@@ -309,6 +311,7 @@ impl Detector {
         post: &PostprocessConfig,
     ) -> Result<Vec<Vec<Detection>>> {
         let _s = tracing::debug_span!("postprocess").entered();
+        let post = &self.with_model_classes(post);
         let per_image = |b: usize, lb: &Letterbox| -> Result<Vec<Detection>> {
             let levels = outputs
                 .iter()
@@ -359,6 +362,15 @@ impl Detector {
             Engine::Cpu { backend, .. } => backend.install(run),
             #[cfg(feature = "cuda")]
             Engine::Cuda(_) => run(),
+        }
+    }
+
+    /// `post` with the model's class count (callers such as the GStreamer element build their
+    /// settings before they know the model).
+    fn with_model_classes(&self, post: &PostprocessConfig) -> PostprocessConfig {
+        PostprocessConfig {
+            num_classes: self.config().num_classes,
+            ..post.clone()
         }
     }
 
