@@ -2,7 +2,7 @@
 #
 # Provides:
 #   REPO            the repository root
-#   MODEL           weights for `effdet model=...` (env MODEL, default: the golden-test weights)
+#   MODEL           weights for `effdet model=...` (env MODEL, default: the bundled shapes model)
 #   EFFDET_OPTS     extra `effdet` properties as an array (env EFFDET_OPTS, split on spaces),
 #                   e.g. EFFDET_OPTS="score-threshold=0.5 interval=2"
 #   GST_PLUGIN_PATH with the directory holding libgsteffdet.so prepended
@@ -20,7 +20,7 @@
 # writes there (effdetjson without location= writes JSON lines to standard output).
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-DEFAULT_MODEL="$REPO/tests/fixtures/golden/weights_f16.safetensors"
+DEFAULT_MODEL="$REPO/models/effdet-d0-shapes256.safetensors"
 
 info() { printf '%s: %s\n' "$(basename "$0")" "$*" >&2; }
 die() { info "error: $*"; exit 1; }
@@ -63,13 +63,11 @@ setup() {
 
   MODEL="${MODEL:-$DEFAULT_MODEL}"
   [ -f "$MODEL" ] || { info "error: model file $MODEL not found (set MODEL=...)"; exit 2; }
+  info "model: $MODEL"
   if [ "$(realpath "$MODEL")" = "$(realpath "$DEFAULT_MODEL")" ]; then
-    info "model: $MODEL"
-    info "NOTE: these are the golden tests' seeded random weights, not a trained model: the boxes"
-    info "      are real network output but not real objects. Set MODEL=your.safetensors for"
-    info "      real detections (see the README, 'Weights')."
-  else
-    info "model: $MODEL"
+    info "NOTE: the bundled model detects the 6 synthetic shape classes of \`effdet synth\`"
+    info "      (circle, square, ...), not everyday objects. Set MODEL=your.safetensors for"
+    info "      COCO weights or your own trained model (see the README, 'Weights')."
   fi
   read -r -a EFFDET_OPTS <<<"${EFFDET_OPTS:-}"
 }

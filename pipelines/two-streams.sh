@@ -9,9 +9,9 @@
 #
 # Environment:
 #   MODEL             effdet-named safetensors weights (both branches). Default:
-#                     tests/fixtures/golden/weights_f16.safetensors, the only weights in the
-#                     repository: seeded random test weights, so the boxes are real network
-#                     output but not real objects. Bring trained weights for real detections.
+#                     models/effdet-d0-shapes256.safetensors, the model trained here on the
+#                     synthetic shapes (6 classes). Bring COCO or your own weights for other
+#                     objects.
 #   EFFDET_OPTS       extra effdet properties for both branches, e.g. "threads=2"
 #   EFFDET_PLUGIN_DIR directory holding libgsteffdet.so (default: target/release, built if missing)
 #

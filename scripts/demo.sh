@@ -1,46 +1,40 @@
 #!/usr/bin/env bash
-# The main job: annotate a video with the effdet GStreamer plugin.
+# The main job: annotate a video with the effdet GStreamer plugin and the bundled model.
 #
 # Usage: scripts/demo.sh [INPUT_VIDEO] [WEIGHTS]
-#   INPUT_VIDEO  any file GStreamer's decodebin reads (default: a synthetic test video made here)
-#   WEIGHTS      effdet-named safetensors (default: the bundled golden-test weights, see below)
+#   INPUT_VIDEO  any file GStreamer's decodebin reads (default: the synthetic shapes test video,
+#                rendered here by `effdet synth`, with its ground truth)
+#   WEIGHTS      effdet-named safetensors (default: models/effdet-d0-shapes256.safetensors, the
+#                EfficientDet-D0 this repository trained on synthetic shapes; see models/README.md)
 #
 # Installs missing system packages (GStreamer 1.22 and plugins, a C toolchain) and Rust if cargo
-# is missing, builds the plugin in release mode, runs
+# is missing, builds the plugin and the CLI in release mode, runs
 #   filesrc ! decodebin ! videoconvert ! effdet ! effdetjson ! effdetoverlay ! videoconvert ! x264enc ! mp4mux
 # and leaves out/annotated.mp4, out/detections.jsonl and out/snapshot.png (one annotated frame).
-#
-# No trained model ships yet: the default weights are the golden tests' seeded random,
-# BN-calibrated weights, so the boxes are real network output but not real objects. For real
-# detections convert the official tf_efficientdet_d0 checkpoint (tools/pth_to_safetensors.py) and
-# pass it as WEIGHTS.
+# On the synthetic video it also scores the detections against the ground truth (COCO AP).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 INPUT="${1:-}"
-WEIGHTS="${2:-tests/fixtures/golden/weights_f16.safetensors}"
+WEIGHTS="${2:-models/effdet-d0-shapes256.safetensors}"
 
 . scripts/ensure-deps.sh
 
-echo "== building the GStreamer plugin (release)"
-cargo build --release --locked -p gst-effdet
+echo "== building the GStreamer plugin and the effdet CLI (release)"
+cargo build --release --locked -p gst-effdet -p effdet
 export GST_PLUGIN_PATH="$PWD/target/release${GST_PLUGIN_PATH:+:$GST_PLUGIN_PATH}"
 gst-inspect-1.0 effdet >/dev/null
 
 mkdir -p out
+GROUND_TRUTH=""
 if [ -z "$INPUT" ]; then
-  INPUT=out/input.mp4
-  echo "== no input given: making a 5 s synthetic test video ($INPUT)"
-  gst-launch-1.0 -q -e videotestsrc num-buffers=150 pattern=ball ! \
-    video/x-raw,width=640,height=480,framerate=30/1 ! videoconvert ! \
-    x264enc tune=zerolatency ! mp4mux ! filesink location="$INPUT"
+  echo "== no input given: rendering the synthetic shapes test video (effdet synth)"
+  target/release/effdet synth --out out/synth --train 0 --val 0 --val-seed 1 --force >/dev/null
+  INPUT=out/synth/video/test.y4m
+  GROUND_TRUTH=out/synth/video/annotations.json
 fi
 [ -f "$INPUT" ] || { echo "input video $INPUT not found" >&2; exit 2; }
 [ -f "$WEIGHTS" ] || { echo "weights $WEIGHTS not found" >&2; exit 2; }
-if [ "$WEIGHTS" = "tests/fixtures/golden/weights_f16.safetensors" ]; then
-  echo "== NOTE: model = the golden-test weights (seeded random, BN-calibrated): the boxes are"
-  echo "         real network output but do not mark real objects. See README > Weights."
-fi
 
 echo "== annotating $INPUT"
 rm -f out/annotated.mp4 out/detections.jsonl out/snapshot.png
@@ -60,7 +54,7 @@ last=$(ls out/frame-*.png 2>/dev/null | tail -n 1 || true)
 [ -n "$last" ] && mv "$last" out/snapshot.png
 rm -f out/frame-*.png
 
-python3 - "$start" "$end" <<'PY'
+python3 - "$start" "$end" "$GROUND_TRUTH" <<'PY'
 import collections, json, sys
 frames = [json.loads(l) for l in open("out/detections.jsonl")]
 secs = float(sys.argv[2]) - float(sys.argv[1])
@@ -69,6 +63,17 @@ by_label = collections.Counter(d["label"] for d in dets)
 print(f"frames processed: {len(frames)}")
 print(f"frames per second: {len(frames) / secs:.1f} (wall time {secs:.1f} s, including decode and encode)")
 print(f"detections: {len(dets)} in all, {len(dets) / max(1, len(frames)):.1f} per frame")
-print("most frequent labels: " + ", ".join(f"{k} {v}" for k, v in by_label.most_common(5)))
+print("most frequent labels: " + ", ".join(f"{k} {v}" for k, v in by_label.most_common(6)))
 print("outputs: out/annotated.mp4, out/detections.jsonl, out/snapshot.png")
+if sys.argv[3]:
+    # COCO results for `effdet eval`: frame index = image id, class id = category id.
+    results = [{"image_id": f["frame"], "category_id": d["class_id"],
+                "bbox": [d["x1"], d["y1"], d["x2"] - d["x1"], d["y2"] - d["y1"]],
+                "score": d["score"]} for f in frames for d in f["detections"]]
+    json.dump(results, open("out/detections_coco.json", "w"))
 PY
+if [ -n "$GROUND_TRUTH" ]; then
+  echo "== scoring against the video's ground truth (detections with score >= 0.3)"
+  target/release/effdet eval --detections out/detections_coco.json --annotations "$GROUND_TRUTH" |
+    sed -n '1,4p'
+fi

@@ -9,8 +9,8 @@
 //! private registry file so the run neither reads a stale cache nor writes the user's.
 //!
 //! The scripts need `gst-launch-1.0` with the base/good/ugly plugins (`videotestsrc`,
-//! `x264enc`, `mp4mux`, `decodebin`). The model is the scripts' default, the golden-test
-//! weights.
+//! `x264enc`, `mp4mux`, `decodebin`). The model is the scripts' default, the bundled shapes
+//! model.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
