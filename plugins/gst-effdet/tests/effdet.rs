@@ -583,9 +583,10 @@ fn soak_memory_child() {
 /// Without a `model` property the element loads the model bundled in `models/` (trained here on
 /// the synthetic shapes; 6 classes, 256x256 input, both from the file's metadata) and finds the
 /// shapes of a held-out synthetic image, named by the model's own labels: at least half the
-/// ground-truth objects are matched by a detection of the same class with IoU >= 0.5 at score
-/// >= 0.1. (A loose bar while the model is under-trained and confuses classes, see
-/// models/README.md; a 90-class post-processing config, as before the fix, fails every frame.)
+/// ground-truth objects are matched by a detection of the same class with IoU of at least 0.5,
+/// at scores of 0.1 and up. A loose bar while the model is under-trained and confuses classes
+/// (see models/README.md); a 90-class post-processing config, as before the fix, failed every
+/// frame.
 #[test]
 fn default_model_is_the_bundled_shapes_detector() {
     init();
