@@ -338,18 +338,7 @@ impl Detector {
                 orig_height: lb.orig_height as f32,
             };
             let raw = postprocess(&levels, &self.anchors, Some(info), post)?;
-            Ok(raw
-                .into_iter()
-                .map(|r| Detection {
-                    x1: r.bbox[0],
-                    y1: r.bbox[1],
-                    x2: r.bbox[2],
-                    y2: r.bbox[3],
-                    score: r.score,
-                    class_id: r.class_id,
-                    label: self.labels.name(r.class_id),
-                })
-                .collect())
+            Ok(raw.into_iter().map(|r| self.label(r)).collect())
         };
         let run = || {
             letterboxes
@@ -410,7 +399,7 @@ mod cuda_engine {
 
     use super::{Detector, DetectorOptions, Engine};
     use crate::compute::cuda::GpuContext;
-    use crate::compute::cuda::backend::CudaBackend;
+    use crate::compute::cuda::backend::{CudaBackend, GpuTensor};
     use crate::compute::cuda::postprocess::{GpuLevel, GpuPostprocessor};
     use crate::compute::cuda::preprocess::GpuPreprocessor;
     use crate::compute::{Backend, Tensor};
@@ -462,7 +451,10 @@ mod cuda_engine {
         /// The network on a host input batch, outputs back on the host (tools and tests).
         pub(super) fn forward(&self, input: &Tensor) -> Result<Vec<LevelOutputs<Tensor>>> {
             let x = self.backend.upload(input)?;
-            let outs = self.model.forward(&self.backend, &x)?;
+            self.download(&self.model.forward(&self.backend, &x)?)
+        }
+
+        fn download(&self, outs: &[LevelOutputs<GpuTensor>]) -> Result<Vec<LevelOutputs<Tensor>>> {
             outs.iter()
                 .map(|o| {
                     Ok(LevelOutputs {
@@ -506,16 +498,7 @@ mod cuda_engine {
             let outs = self.model.forward(&self.backend, &input)?;
             if !matches!(post.nms, NmsMethod::Hard) {
                 // Soft-NMS runs on the CPU: bring the raw outputs back.
-                let host = outs
-                    .iter()
-                    .map(|o| {
-                        Ok(LevelOutputs {
-                            class: self.backend.download(&o.class)?,
-                            boxes: self.backend.download(&o.boxes)?,
-                        })
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                return det.postprocess(&host, &letterboxes, post);
+                return det.postprocess(&self.download(&outs)?, &letterboxes, post);
             }
             let mut cfg = post.clone();
             cfg.num_classes = self.model.config().num_classes;

@@ -7,20 +7,6 @@
 
 #include "prelude.cuh"
 
-#define EFFDET_ACT_NONE 0
-#define EFFDET_ACT_SWISH 1
-#define EFFDET_ACT_SIGMOID 2
-#define EFFDET_ACT_RELU 3
-
-__device__ __forceinline__ float conv_activate(float x, int act) {
-  switch (act) {
-    case EFFDET_ACT_SWISH: return x / (1.0f + expf_(-x));
-    case EFFDET_ACT_SIGMOID: return 1.0f / (1.0f + expf_(-x));
-    case EFFDET_ACT_RELU: return x > 0.0f ? x : 0.0f;
-    default: return x;
-  }
-}
-
 // Shapes of one convolution. Mirrored by `ConvParams` in src/compute/cuda/params.rs.
 struct ConvParams {
   int n, cin, h, w;        // input [n][cin][h][w]
@@ -62,7 +48,7 @@ extern "C" __global__ void conv2d_direct(const half_t* __restrict__ x,
     }
   }
   if (bias) acc += h2f(bias[co]);
-  acc = conv_activate(acc, p.act);
+  acc = activate(acc, p.act);
   if (residual) acc += h2f(residual[i]);
   y[i] = f2h(acc);
 }

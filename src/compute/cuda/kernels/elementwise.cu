@@ -5,20 +5,6 @@
 
 #include "prelude.cuh"
 
-#define EFFDET_ACT_NONE 0
-#define EFFDET_ACT_SWISH 1
-#define EFFDET_ACT_SIGMOID 2
-#define EFFDET_ACT_RELU 3
-
-__device__ __forceinline__ float activate(float x, int act) {
-  switch (act) {
-    case EFFDET_ACT_SWISH: return x / (1.0f + expf_(-x));
-    case EFFDET_ACT_SIGMOID: return 1.0f / (1.0f + expf_(-x));
-    case EFFDET_ACT_RELU: return x > 0.0f ? x : 0.0f;
-    default: return x;
-  }
-}
-
 // y = act(y + bias[c]) + residual, in place; bias and residual may be null.
 extern "C" __global__ void bias_act_residual(half_t* __restrict__ y, const half_t* __restrict__ bias,
                                              const half_t* __restrict__ residual, long long n,

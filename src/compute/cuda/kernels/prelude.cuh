@@ -65,4 +65,20 @@ __device__ __forceinline__ int clamp_i(int v, int lo, int hi) {
   return v < lo ? lo : (v > hi ? hi : v);
 }
 
+// Activations, numbered as `params::activation_code` (the CPU reference is
+// `compute::Activation::apply`).
+#define EFFDET_ACT_NONE 0
+#define EFFDET_ACT_SWISH 1
+#define EFFDET_ACT_SIGMOID 2
+#define EFFDET_ACT_RELU 3
+
+__device__ __forceinline__ float activate(float x, int act) {
+  switch (act) {
+    case EFFDET_ACT_SWISH: return x / (1.0f + expf_(-x));
+    case EFFDET_ACT_SIGMOID: return 1.0f / (1.0f + expf_(-x));
+    case EFFDET_ACT_RELU: return x > 0.0f ? x : 0.0f;
+    default: return x;
+  }
+}
+
 #endif  // EFFDET_PRELUDE_CUH
