@@ -29,12 +29,15 @@ for line in sys.stdin:
         print("  test binary", m["target"]["name"])
 ' "$pack"
 
+# Debug info is most of their size; the device's carry limit is 64 MiB in all.
+strip "$pack"/bin/*
+
 echo "== models, the run script, the PyTorch peer's wheel"
 cp models/*.safetensors models/*.txt "$pack/models/" 2>/dev/null || true
 cp scripts/gpu/run.sh "$pack/run.sh"
 if [ ! -f "$pack/wheels/effdet-0.4.1-py3-none-any.whl" ]; then
   # pure-Python effdet (torch and timm are on the GPU host already)
-  python3 -m pip download -q --no-deps --dest "$pack/wheels" effdet==0.4.1 pycocotools==2.0.11 ||
+  python3 -m pip download -q --no-deps --dest "$pack/wheels" effdet==0.4.1 ||
     echo "   (could not fetch the effdet wheel: the PyTorch comparison will be skipped)"
 fi
 git rev-parse HEAD > "$pack/COMMIT"
