@@ -19,7 +19,7 @@ use std::sync::OnceLock;
 mod kernel_cases;
 
 use effdet::compute::cuda::params::{DecodeImage, GpuDetection, PreprocessImage, TopkState};
-use effdet::frame::{Frame, PixelFormat};
+use effdet::frame::Frame;
 use effdet::postprocess::{PostprocessConfig, RawDetection};
 use effdet::preprocess::{FILL_RGB, ResizePlan, normalisation_table};
 use effdet::rng::Rng;
@@ -134,29 +134,15 @@ fn check_batch(frames: &[Frame], size: usize) {
 
 #[test]
 fn preprocessing_matches_the_cpu_for_every_format_and_odd_sizes() {
-    let mut rng = Rng::new(7);
     let (m, r) = COLORIMETRIES[0];
-    for format in FORMATS {
-        for &(w, h) in &SIZES {
-            let owned = OwnedFrame::random(&mut rng, format, w, h);
-            check_batch(&[owned.frame(m, r)], 64);
-        }
+    for owned in single_frames(&mut Rng::new(7)) {
+        check_batch(&[owned.frame(m, r)], 64);
     }
 }
 
 #[test]
 fn preprocessing_a_mixed_batch_and_every_colorimetry() {
-    use PixelFormat::*;
-    let mut rng = Rng::new(11);
-    let owned: Vec<OwnedFrame> = [
-        (Nv12, 61, 47),
-        (Bgra, 20, 90),
-        (I420, 45, 45),
-        (Rgb, 300, 200),
-    ]
-    .iter()
-    .map(|&(f, w, h)| OwnedFrame::random(&mut rng, f, w, h))
-    .collect();
+    let owned = mixed_batch(&mut Rng::new(11), (61, 47));
     for (m, r) in COLORIMETRIES {
         let frames: Vec<Frame> = owned.iter().map(|o| o.frame(m, r)).collect();
         check_batch(&frames, 48);

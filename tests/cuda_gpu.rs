@@ -15,7 +15,7 @@ use std::sync::Arc;
 use effdet::compute::cuda::GpuContext;
 use effdet::compute::cuda::postprocess::{GpuLevel, GpuPostprocessor};
 use effdet::compute::cuda::preprocess::GpuPreprocessor;
-use effdet::frame::{Frame, PixelFormat};
+use effdet::frame::Frame;
 use effdet::rng::Rng;
 use kernel_cases::*;
 
@@ -54,24 +54,11 @@ fn gpu_preprocessing_is_bit_identical_to_the_cpu() {
         return;
     };
     let pre = GpuPreprocessor::new(gpu.clone(), 64).unwrap();
-    let mut rng = Rng::new(7);
     let (m, r) = COLORIMETRIES[0];
-    for format in FORMATS {
-        for &(w, h) in &SIZES {
-            let owned = OwnedFrame::random(&mut rng, format, w, h);
-            run_preprocess(&gpu, &pre, &[owned.frame(m, r)], 64);
-        }
+    for owned in single_frames(&mut Rng::new(7)) {
+        run_preprocess(&gpu, &pre, &[owned.frame(m, r)], 64);
     }
-    use PixelFormat::*;
-    let owned: Vec<OwnedFrame> = [
-        (Nv12, 1920, 1080),
-        (Bgra, 20, 90),
-        (I420, 45, 45),
-        (Rgb, 300, 200),
-    ]
-    .iter()
-    .map(|&(f, w, h)| OwnedFrame::random(&mut rng, f, w, h))
-    .collect();
+    let owned = mixed_batch(&mut Rng::new(11), (1920, 1080));
     let pre512 = GpuPreprocessor::new(gpu.clone(), 512).unwrap();
     for (m, r) in COLORIMETRIES {
         let frames: Vec<Frame> = owned.iter().map(|o| o.frame(m, r)).collect();

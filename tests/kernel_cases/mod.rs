@@ -77,6 +77,29 @@ impl OwnedFrame {
     }
 }
 
+/// One random frame per format and size of [`SIZES`] (for a 64x64 input).
+pub fn single_frames(rng: &mut Rng) -> Vec<OwnedFrame> {
+    FORMATS
+        .iter()
+        .flat_map(|&f| SIZES.iter().map(move |&(w, h)| (f, w, h)))
+        .map(|(f, w, h)| OwnedFrame::random(rng, f, w, h))
+        .collect()
+}
+
+/// A batch mixing formats and sizes (the first one `first`, e.g. full HD on a GPU).
+pub fn mixed_batch(rng: &mut Rng, first: (usize, usize)) -> Vec<OwnedFrame> {
+    use PixelFormat::*;
+    [
+        (Nv12, first.0, first.1),
+        (Bgra, 20, 90),
+        (I420, 45, 45),
+        (Rgb, 300, 200),
+    ]
+    .iter()
+    .map(|&(f, w, h)| OwnedFrame::random(rng, f, w, h))
+    .collect()
+}
+
 /// The CPU's network input for `frame`, rounded to FP16 bits (what the kernel must write).
 pub fn cpu_input_f16(frame: &Frame, size: usize) -> Vec<u16> {
     let (cpu, _) = effdet::preprocess::preprocess(frame, size).unwrap();
