@@ -23,8 +23,8 @@ use crate::preprocess::{Letterbox, preprocess_into};
 /// Which engine runs the network.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum BackendKind {
-    /// The best engine available on this machine (today: the CPU; the CUDA engine joins when
-    /// its network is complete).
+    /// The best engine available on this machine: the CPU today; the CUDA engine once it is
+    /// validated on a GPU ([`CUDA_IN_AUTO`]).
     #[default]
     Auto,
     /// The f32 CPU engine.
@@ -500,9 +500,7 @@ mod cuda_engine {
                 // Soft-NMS runs on the CPU: bring the raw outputs back.
                 return det.postprocess(&self.download(&outs)?, &letterboxes, post);
             }
-            let mut cfg = post.clone();
-            cfg.num_classes = self.model.config().num_classes;
-            let gp = self.postprocessor(det, &cfg)?;
+            let gp = self.postprocessor(det, post)?;
             let levels: Vec<GpuLevel> = outs
                 .iter()
                 .map(|o| GpuLevel {
