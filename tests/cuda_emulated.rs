@@ -358,7 +358,7 @@ fn conv_kernel_matches_the_cpu_engine() {
     ];
     let f: Symbol<ConvFn> = unsafe { library().get(b"emu_conv2d") }.unwrap();
     for (shape, cout, k, stride, groups, padding, act, with_bias, with_res) in cases {
-        let [n, cin, h, w] = shape;
+        let [n, cin, _, _] = shape;
         let (xb, xt) = random_half(&mut rng, &shape, 1.0);
         let (wb, wt) = random_half(&mut rng, &[cout, cin / groups, k, k], 0.3);
         let (bb, bt) = random_half(&mut rng, &[cout], 0.5);
@@ -368,8 +368,8 @@ fn conv_kernel_matches_the_cpu_engine() {
             padding,
             act,
         };
-        let (oh, pt, _) = padding.resolve(h, k, stride, true);
-        let (ow, pl, _) = padding.resolve(w, k, stride, false);
+        let p = ConvParams::new(shape, [cout, cin / groups, k, k], spec).unwrap();
+        let (oh, ow) = (p.oh as usize, p.ow as usize);
         let (rb, rt) = random_half(&mut rng, &[n, cout, oh, ow], 1.0);
         let want = cpu()
             .conv2d(
@@ -381,22 +381,6 @@ fn conv_kernel_matches_the_cpu_engine() {
             )
             .unwrap();
         let mut got = vec![0x7e01u16; n * cout * oh * ow];
-        let p = ConvParams {
-            n: n as i32,
-            cin: cin as i32,
-            h: h as i32,
-            w: w as i32,
-            cout: cout as i32,
-            kh: k as i32,
-            kw: k as i32,
-            oh: oh as i32,
-            ow: ow as i32,
-            stride: stride as i32,
-            groups: groups as i32,
-            pad_top: pt as i32,
-            pad_left: pl as i32,
-            act: activation_code(act),
-        };
         let null = std::ptr::null();
         // SAFETY: buffers sized as ConvParams describes; null bias/residual are allowed.
         unsafe {

@@ -10,15 +10,7 @@ use effdet::rng::Rng;
 use half::f16;
 
 /// Every input format the pre-processing kernel reads.
-pub const FORMATS: [PixelFormat; 7] = [
-    PixelFormat::Rgb,
-    PixelFormat::Rgba,
-    PixelFormat::Rgbx,
-    PixelFormat::Bgrx,
-    PixelFormat::Bgra,
-    PixelFormat::Nv12,
-    PixelFormat::I420,
-];
+pub const FORMATS: [PixelFormat; 7] = PixelFormat::ALL;
 
 /// Frame sizes for a 64x64 input: down- and up-scaling, both pass orders (101x517 runs
 /// Pillow's vertical pass first), one pass only, no pass, odd sizes for the 4:2:0 chroma, a

@@ -191,20 +191,8 @@ impl Backend for CudaBackend {
         spec: ConvSpec,
         residual: Option<&GpuTensor>,
     ) -> Result<GpuTensor> {
-        let [n, cin, h, w] = x.dims4("conv2d")?;
-        let [cout, cin_g, kh, kw] = weight.dims4("conv2d weight")?;
-        let groups = spec.groups.max(1);
-        if cin_g * groups != cin || cout % groups != 0 || spec.stride == 0 {
-            return Err(Error::Shape {
-                op: "conv2d",
-                detail: format!(
-                    "input {:?}, weight {:?}, groups {groups}, stride {}",
-                    x.shape, weight.shape, spec.stride
-                ),
-            });
-        }
-        let (oh, pad_top, _) = spec.padding.resolve(h, kh, spec.stride, true);
-        let (ow, pad_left, _) = spec.padding.resolve(w, kw, spec.stride, false);
+        let p = ConvParams::new(x.dims4("conv2d")?, weight.dims4("conv2d weight")?, spec)?;
+        let cout = p.cout as usize;
         if let Some(b) = bias
             && b.len() != cout
         {
@@ -213,26 +201,10 @@ impl Backend for CudaBackend {
                 detail: format!("bias {:?} for {cout} output channels", b.shape),
             });
         }
-        let y = self.alloc(vec![n, cout, oh, ow])?;
+        let y = self.alloc(vec![p.n as usize, cout, p.oh as usize, p.ow as usize])?;
         if let Some(r) = residual {
             same_shape("conv2d residual", r, &y)?;
         }
-        let p = ConvParams {
-            n: n as i32,
-            cin: cin as i32,
-            h: h as i32,
-            w: w as i32,
-            cout: cout as i32,
-            kh: kh as i32,
-            kw: kw as i32,
-            oh: oh as i32,
-            ow: ow as i32,
-            stride: spec.stride as i32,
-            groups: groups as i32,
-            pad_top: pad_top as i32,
-            pad_left: pad_left as i32,
-            act: activation_code(spec.act),
-        };
         let (xa, wa, ba, ra, ya) = (
             self.addr(x),
             self.addr(weight),

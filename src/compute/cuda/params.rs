@@ -169,6 +169,49 @@ pub struct ConvParams {
     pub act: i32,
 }
 
+impl ConvParams {
+    /// The launch parameters of a convolution of an `[n, cin, h, w]` input with an
+    /// `[cout, cin / groups, kh, kw]` weight, output size and padding resolved from `spec`.
+    /// Errors ([`Error::Shape`]) when the shapes do not fit the groups or the stride is 0.
+    pub fn new(
+        input: [usize; 4],
+        weight: [usize; 4],
+        spec: crate::compute::ConvSpec,
+    ) -> crate::error::Result<ConvParams> {
+        let [n, cin, h, w] = input;
+        let [cout, cin_g, kh, kw] = weight;
+        let groups = spec.groups.max(1);
+        if cin_g * groups != cin || cout % groups != 0 || spec.stride == 0 {
+            return Err(crate::error::Error::Shape {
+                op: "conv2d",
+                detail: format!(
+                    "input {input:?}, weight {weight:?}, groups {groups}, stride {}",
+                    spec.stride
+                ),
+            });
+        }
+        let (oh, pad_top, _) = spec.padding.resolve(h, kh, spec.stride, true);
+        let (ow, pad_left, _) = spec.padding.resolve(w, kw, spec.stride, false);
+        let i = |v: usize| v as i32;
+        Ok(ConvParams {
+            n: i(n),
+            cin: i(cin),
+            h: i(h),
+            w: i(w),
+            cout: i(cout),
+            kh: i(kh),
+            kw: i(kw),
+            oh: i(oh),
+            ow: i(ow),
+            stride: i(spec.stride),
+            groups: i(groups),
+            pad_top: i(pad_top),
+            pad_left: i(pad_left),
+            act: activation_code(spec.act),
+        })
+    }
+}
+
 /// `EFFDET_ACT_*` in the kernels.
 pub fn activation_code(act: crate::compute::Activation) -> i32 {
     use crate::compute::Activation::*;
