@@ -303,6 +303,40 @@ impl Detector {
         }
     }
 
+    /// Times the network alone for benchmarks: `warmup` untimed then `iters` timed passes over
+    /// `input`, which is first placed where the engine computes (uploaded once for the GPU);
+    /// each pass ends when its outputs are complete on that device (the GPU stream is
+    /// synchronised; nothing is copied back). Returns the milliseconds of each timed pass.
+    pub fn time_network(&self, input: &Tensor, warmup: usize, iters: usize) -> Result<Vec<f64>> {
+        let mut times = Vec::with_capacity(iters);
+        match &self.engine {
+            Engine::Cpu { backend, model } => backend.install(|| {
+                for i in 0..warmup + iters {
+                    let t = std::time::Instant::now();
+                    std::hint::black_box(model.forward(backend, input)?);
+                    if i >= warmup {
+                        times.push(t.elapsed().as_secs_f64() * 1e3);
+                    }
+                }
+                Ok::<_, Error>(())
+            })?,
+            #[cfg(feature = "cuda")]
+            Engine::Cuda(e) => e.time_network(input, warmup, iters, &mut times)?,
+        }
+        Ok(times)
+    }
+
+    /// Device memory in use on this detector's GPU, in bytes (the device's total minus its
+    /// free memory, so it includes the CUDA context and anything else on that GPU); `None` for
+    /// the CPU engine.
+    pub fn device_memory_in_use(&self) -> Result<Option<usize>> {
+        match &self.engine {
+            Engine::Cpu { .. } => Ok(None),
+            #[cfg(feature = "cuda")]
+            Engine::Cuda(e) => e.memory_in_use().map(Some),
+        }
+    }
+
     /// Turns raw outputs into labelled detections in original-image pixels, one list per image.
     pub fn postprocess(
         &self,
@@ -452,6 +486,33 @@ mod cuda_engine {
         pub(super) fn forward(&self, input: &Tensor) -> Result<Vec<LevelOutputs<Tensor>>> {
             let x = self.backend.upload(input)?;
             self.download(&self.model.forward(&self.backend, &x)?)
+        }
+
+        pub(super) fn time_network(
+            &self,
+            input: &Tensor,
+            warmup: usize,
+            iters: usize,
+            times: &mut Vec<f64>,
+        ) -> Result<()> {
+            let x = self.backend.upload(input)?;
+            let gpu = self.backend.gpu();
+            gpu.synchronize()?;
+            for i in 0..warmup + iters {
+                let t = std::time::Instant::now();
+                let outs = self.model.forward(&self.backend, &x)?;
+                gpu.synchronize()?;
+                if i >= warmup {
+                    times.push(t.elapsed().as_secs_f64() * 1e3);
+                }
+                drop(outs);
+            }
+            Ok(())
+        }
+
+        pub(super) fn memory_in_use(&self) -> Result<usize> {
+            let (free, total) = self.backend.gpu().memory()?;
+            Ok(total.saturating_sub(free))
         }
 
         fn download(&self, outs: &[LevelOutputs<GpuTensor>]) -> Result<Vec<LevelOutputs<Tensor>>> {

@@ -179,9 +179,15 @@ struct DetectArgs {
 struct BenchArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Images per network pass.
-    #[arg(long, default_value_t = 1, value_name = "B")]
-    batch: usize,
+    /// Images per network pass; a comma-separated list runs each size in turn (one table row
+    /// or JSON line per size), e.g. `--batch 1,8,32,64,128`.
+    #[arg(
+        long,
+        default_value = "1",
+        value_name = "B[,B...]",
+        value_delimiter = ','
+    )]
+    batch: Vec<usize>,
     /// Timed iterations (after warm-up).
     #[arg(long, default_value_t = 20, value_name = "K")]
     iters: usize,
@@ -334,9 +340,9 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 fn bench(a: BenchArgs) -> anyhow::Result<()> {
-    if a.batch == 0 || a.iters == 0 {
+    if a.batch.is_empty() || a.batch.contains(&0) || a.iters == 0 {
         anyhow::bail!(Error::InvalidArgument(
-            "--batch and --iters must be at least 1".into()
+            "--batch sizes and --iters must be at least 1".into()
         ));
     }
     let detector = load_detector(
@@ -351,63 +357,66 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
         None => synthetic_frame(),
     };
     let frame = Frame::packed(PixelFormat::Rgb, w, h, &rgb)?;
-    let frames = vec![frame; a.batch];
-    let (input, _) = detector.preprocess(&frames)?;
-    let time_ms = |f: &mut dyn FnMut() -> anyhow::Result<()>| -> anyhow::Result<Vec<f64>> {
-        for _ in 0..a.warmup {
-            f()?;
-        }
-        let mut v = Vec::with_capacity(a.iters);
-        for _ in 0..a.iters {
-            let t = Instant::now();
-            f()?;
-            v.push(t.elapsed().as_secs_f64() * 1000.0 / a.batch as f64);
-        }
-        v.sort_by(f64::total_cmp);
-        Ok(v)
-    };
-    let network = time_ms(&mut || {
-        let out: Vec<_> = detector.forward(&input)?;
-        std::hint::black_box(out);
-        Ok(())
-    })?;
-    let e2e = time_ms(&mut || {
-        std::hint::black_box(detector.detect_batch(&frames)?);
-        Ok(())
-    })?;
     let threads = effdet_threads(&a.model);
-    if a.json {
-        let o = serde_json::json!({
-            "backend": detector.backend_name(),
-            "batch": a.batch,
-            "threads": threads,
-            "network_ms_median": percentile(&network, 0.5),
-            "network_ms_p90": percentile(&network, 0.9),
-            "end_to_end_ms_median": percentile(&e2e, 0.5),
-            "end_to_end_ms_p90": percentile(&e2e, 0.9),
-        });
-        println!("{o}");
-    } else {
+    if !a.json {
         println!(
-            "backend {} | batch {} | threads {} | {}x{} input frame | {} iterations",
+            "backend {} | threads {} | {}x{} input frame | {} iterations | per image ms (median, p90) and images/s",
             detector.backend_name(),
-            a.batch,
             threads,
             w,
             h,
             a.iters
         );
-        println!("per image       median ms    p90 ms");
         println!(
-            "network       {:>10.2} {:>9.2}",
-            percentile(&network, 0.5),
-            percentile(&network, 0.9)
+            "{:>6} {:>12} {:>9} {:>10} {:>12} {:>9} {:>10} {:>11}",
+            "batch", "network ms", "p90", "img/s", "end2end ms", "p90", "img/s", "device MiB"
         );
-        println!(
-            "end to end    {:>10.2} {:>9.2}",
-            percentile(&e2e, 0.5),
-            percentile(&e2e, 0.9)
-        );
+    }
+    for &batch in &a.batch {
+        let frames = vec![frame.clone(); batch];
+        let (input, _) = detector.preprocess(&frames)?;
+        let per_image = |v: Vec<f64>| {
+            let mut v: Vec<f64> = v.into_iter().map(|t| t / batch as f64).collect();
+            v.sort_by(f64::total_cmp);
+            v
+        };
+        // The network alone: input already on the engine's device, outputs left there.
+        let network = per_image(detector.time_network(&input, a.warmup, a.iters)?);
+        // End to end: host frames in, detections on the host.
+        let mut e2e = Vec::with_capacity(a.iters);
+        for i in 0..a.warmup + a.iters {
+            let t = Instant::now();
+            std::hint::black_box(detector.detect_batch(&frames)?);
+            if i >= a.warmup {
+                e2e.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+        let e2e = per_image(e2e);
+        let memory = detector.device_memory_in_use()?;
+        let (n50, n90) = (percentile(&network, 0.5), percentile(&network, 0.9));
+        let (e50, e90) = (percentile(&e2e, 0.5), percentile(&e2e, 0.9));
+        if a.json {
+            let o = serde_json::json!({
+                "backend": detector.backend_name(),
+                "batch": batch,
+                "threads": threads,
+                "network_ms_median": n50,
+                "network_ms_p90": n90,
+                "network_images_per_s": 1000.0 / n50,
+                "end_to_end_ms_median": e50,
+                "end_to_end_ms_p90": e90,
+                "end_to_end_images_per_s": 1000.0 / e50,
+                "device_memory_bytes": memory,
+            });
+            println!("{o}");
+        } else {
+            let mem = memory.map_or("-".to_string(), |b| format!("{:.0}", b as f64 / 1048576.0));
+            println!(
+                "{batch:>6} {n50:>12.3} {n90:>9.3} {:>10.1} {e50:>12.3} {e90:>9.3} {:>10.1} {mem:>11}",
+                1000.0 / n50,
+                1000.0 / e50
+            );
+        }
     }
     Ok(())
 }

@@ -15,7 +15,7 @@ use effdet::train::dataset::{Dataset, DatasetOptions};
 use effdet::train::model::TrainNet;
 use effdet::train::optim::serialize_tensors_with;
 use effdet::train::trainer::{
-    LogRow, TrainConfig, Trainer, curves_svg, model_config, write_metrics_csv,
+    LogRow, OptimizerKind, TrainConfig, Trainer, curves_svg, model_config, write_metrics_csv,
 };
 
 #[derive(clap::Args)]
@@ -59,6 +59,17 @@ pub struct TrainArgs {
     pub lr: Option<f64>,
     #[arg(long, value_name = "N")]
     pub warmup_epochs: Option<u64>,
+    /// `sgd` (the recipe) or `adamw`
+    #[arg(long, value_name = "NAME")]
+    pub optimizer: Option<String>,
+    #[arg(long, value_name = "WD")]
+    pub weight_decay: Option<f64>,
+    #[arg(long, value_name = "S")]
+    pub scale_min: Option<f64>,
+    #[arg(long, value_name = "S")]
+    pub scale_max: Option<f64>,
+    #[arg(long, value_name = "C")]
+    pub clip_grad: Option<f32>,
     #[arg(long, value_name = "P")]
     pub drop_path: Option<f32>,
     #[arg(long, value_name = "D")]
@@ -93,7 +104,12 @@ fn config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
     }
     set!(size => input_size, batch => batch_size, epochs => epochs, warmup_epochs => warmup_epochs,
          drop_path => drop_path_rate, ema_decay => ema_decay, workers => workers, threads => threads,
-         seed => seed, eval_every => eval_every, checkpoint_every => checkpoint_every);
+         seed => seed, eval_every => eval_every, checkpoint_every => checkpoint_every,
+         weight_decay => weight_decay, scale_min => scale_min, scale_max => scale_max,
+         clip_grad => clip_grad);
+    if let Some(name) = &a.optimizer {
+        c.optimizer = OptimizerKind::parse(name)?;
+    }
     if a.lr.is_some() {
         c.lr = a.lr;
     }

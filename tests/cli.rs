@@ -160,6 +160,8 @@ fn bench_json_has_the_documented_fields() {
         "cpu",
         "--threads",
         "1",
+        "--batch",
+        "1,2",
         "--iters",
         "1",
         "--warmup",
@@ -167,17 +169,30 @@ fn bench_json_has_the_documented_fields() {
         "--json",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(v["backend"], "cpu");
-    assert_eq!(v["batch"], 1);
-    assert_eq!(v["threads"], 1);
-    for k in [
-        "network_ms_median",
-        "network_ms_p90",
-        "end_to_end_ms_median",
-        "end_to_end_ms_p90",
-    ] {
-        assert!(v[k].as_f64().unwrap() > 0.0, "{k}");
+    // One JSON line per batch size, in the order given.
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    for (v, batch) in lines.iter().zip([1, 2]) {
+        assert_eq!(v["backend"], "cpu");
+        assert_eq!(v["batch"], batch);
+        assert_eq!(v["threads"], 1);
+        for k in [
+            "network_ms_median",
+            "network_ms_p90",
+            "network_images_per_s",
+            "end_to_end_ms_median",
+            "end_to_end_ms_p90",
+            "end_to_end_images_per_s",
+        ] {
+            assert!(v[k].as_f64().unwrap() > 0.0, "{k}");
+        }
+        let per_s = 1000.0 / v["network_ms_median"].as_f64().unwrap();
+        assert!((v["network_images_per_s"].as_f64().unwrap() - per_s).abs() < 1e-6 * per_s);
+        // The CPU engine has no device memory to report.
+        assert!(v["device_memory_bytes"].is_null());
     }
 }
 

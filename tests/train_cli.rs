@@ -171,9 +171,68 @@ fn training_writes_its_artefacts_and_resumes_exactly() {
         !o.status.success() && err.contains("input size 128"),
         "{err}"
     );
+    let o = train(
+        &ann,
+        &dir.path().join("w"),
+        &["--resume", ck.to_str().unwrap(), "--optimizer", "adamw"],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("trained with sgd, this run uses adamw"),
+        "{err}"
+    );
     let o = train(&ann, &dir.path().join("z"), &["--resume", ann_s]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("safetensors"));
+}
+
+/// `--optimizer adamw`: the checkpoint carries Adam's moments and step counts, and an
+/// interrupted run resumes bit-identically, as with SGD.
+#[test]
+fn training_with_adamw_keeps_its_state_and_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let ann = dataset(dir.path(), None);
+    let adamw = [
+        "--optimizer",
+        "adamw",
+        "--lr",
+        "0.001",
+        "--weight-decay",
+        "0.01",
+    ];
+    let full = dir.path().join("full");
+    ok(&train(&ann, &full, &adamw));
+    let part = dir.path().join("part");
+    ok(&train(
+        &ann,
+        &part,
+        &[&adamw[..], &["--max-updates", "2"]].concat(),
+    ));
+    let ck = part.join("checkpoint.safetensors");
+    let state = load_tensors(&ck).unwrap();
+    for suffix in [".exp_avg", ".exp_avg_sq", ".step"] {
+        assert!(
+            state
+                .keys()
+                .any(|k| k.starts_with("optim.") && k.ends_with(suffix)),
+            "no optim.*{suffix} in the checkpoint"
+        );
+    }
+    assert!(!state.keys().any(|k| k.ends_with(".momentum_buffer")));
+    let resumed = dir.path().join("resumed");
+    ok(&train(
+        &ann,
+        &resumed,
+        &[&adamw[..], &["--resume", ck.to_str().unwrap()]].concat(),
+    ));
+    let a = load_tensors(full.join("model.safetensors")).unwrap();
+    let b = load_tensors(resumed.join("model.safetensors")).unwrap();
+    for (k, t) in &a {
+        assert_eq!(t, &b[k], "{k} differs after resume");
+    }
+    // The weights moved: AdamW really stepped.
+    let init = load_tensors(part.join("model.safetensors")).unwrap();
+    assert!(a.iter().any(|(k, t)| t != &init[k]));
 }
 
 #[test]
@@ -187,6 +246,9 @@ fn training_refuses_bad_data_and_settings_clearly() {
     let o = train(&ann, &dir.path().join("o"), &["--size", "100"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("multiple of 128"));
+    let o = train(&ann, &dir.path().join("o"), &["--optimizer", "lamb"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown optimizer `lamb`"));
     let o = train(&ann, &dir.path().join("o"), &["--batch", "3"]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("cannot fill one batch"));

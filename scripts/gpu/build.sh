@@ -32,13 +32,19 @@ for line in sys.stdin:
 # Debug info is most of their size; the device's carry limit is 64 MiB in all.
 strip "$pack"/bin/*
 
-echo "== models, the run script, the PyTorch peer's wheel"
+echo "== models, the run script, the PyTorch peer and its wheels"
 cp models/*.safetensors models/*.txt "$pack/models/" 2>/dev/null || true
 cp scripts/gpu/run.sh "$pack/run.sh"
-if [ ! -f "$pack/wheels/effdet-0.4.1-py3-none-any.whl" ]; then
-  # pure-Python effdet (torch and timm are on the GPU host already)
-  python3 -m pip download -q --no-deps --dest "$pack/wheels" effdet==0.4.1 ||
-    echo "   (could not fetch the effdet wheel: the PyTorch comparison will be skipped)"
-fi
+cp bench/pytorch_gpu.py "$pack/"
+# The PyTorch peer: effdet and the pure-Python / cp312 packages it imports that the GPU host's
+# Python (3.12, with torch, torchvision and timm) may lack. run.sh unpacks only the missing ones.
+py=python3
+$py -m pip --version >/dev/null 2>&1 || py="${HOME}/.cache/effdet/nvrtc-venv/bin/python"
+plat="--only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64"
+# shellcheck disable=SC2086
+$py -m pip download -q --no-deps --dest "$pack/wheels" $plat effdet==0.4.1 omegaconf==2.3.0 \
+    pycocotools==2.0.11 safetensors pyyaml &&
+  $py -m pip wheel -q --no-deps -w "$pack/wheels" antlr4-python3-runtime==4.9.3 ||
+  echo "   (could not fetch the peer's wheels: the PyTorch comparison will be skipped)"
 git rev-parse HEAD > "$pack/COMMIT"
 du -sh "$pack"

@@ -35,5 +35,38 @@ for t in "$here"/bin/cuda_*; do
   echo "== $(basename "$t")"
   "$t" --test-threads=1 2>&1 | tee "$out/$(basename "$t").log" || status=1
 done
+# The benchmark (issue 4): our CUDA engine and PyTorch effdet on the same GPU, weights and
+# frame, in this one run. JSON lines into $out/bench/; bench/gpu_report.py (on the build
+# machine) turns them into bench/results/gpu_vs_pytorch-<date>.{json,md}.
+if [ "${EFFDET_SKIP_BENCH:-0}" != 1 ]; then
+  echo "== benchmark"
+  mkdir -p "$out/bench"
+  weights="$PWD/tests/fixtures/golden/weights_f16.safetensors"
+  image="$PWD/tests/fixtures/golden/img0.png"
+  batches="${EFFDET_BENCH_BATCHES:-1,8,32,64,128}"
+  iters="${EFFDET_BENCH_ITERS:-50}"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv > "$out/bench/gpu.csv" 2>&1 || true
+  { echo "commit $(cat "$here/COMMIT" 2>/dev/null)"; date -u +%FT%TZ; nproc; uname -a; } > "$out/bench/machine.txt"
+  "$here/bin/effdet" bench --backend cuda --weights "$weights" --image "$image" \
+    --batch "$batches" --iters "$iters" --warmup 10 --json > "$out/bench/ours.jsonl" ||
+    { echo "our benchmark failed"; status=1; }
+  cat "$out/bench/ours.jsonl"
+  # The peer's packages: unpack the wheels the host's Python lacks.
+  pydir="$here/py"; mkdir -p "$pydir"
+  for pair in effdet:effdet omegaconf:omegaconf antlr4:antlr4_python3_runtime \
+              pycocotools:pycocotools yaml:pyyaml safetensors:safetensors; do
+    mod="${pair%%:*}"; whl="${pair#*:}"
+    if ! python3 -c "import $mod" 2>/dev/null; then
+      for w in "$here"/wheels/"$whl"-*.whl; do
+        [ -f "$w" ] && python3 -m zipfile -e "$w" "$pydir"
+      done
+    fi
+  done
+  PYTHONPATH="$pydir${PYTHONPATH:+:$PYTHONPATH}" python3 "$here/pytorch_gpu.py" \
+    --weights "$weights" --image "$image" --batch "$batches" --iters "$iters" \
+    > "$out/bench/peer.jsonl" 2> "$out/bench/peer.err" ||
+    { echo "PyTorch peer failed:"; tail -5 "$out/bench/peer.err"; status=1; }
+  cat "$out/bench/peer.jsonl"
+fi
 echo "== done (status $status)"
 exit $status

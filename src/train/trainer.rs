@@ -1,6 +1,6 @@
-//! The training loop behind `effdet train`: the reference recipe (SGD with momentum, weight decay
-//! on conv weights, clipping, cosine schedule with warm-up, EMA) over [`TrainNet`], fed by the
-//! [`Loader`], with periodic evaluation, atomic checkpoints and exact resume.
+//! The training loop behind `effdet train`: the reference recipe (SGD with momentum, or AdamW;
+//! weight decay on conv weights, clipping, cosine schedule with warm-up, EMA) over
+//! [`TrainNet`], fed by the [`Loader`], with periodic evaluation, atomic checkpoints and exact resume.
 //!
 //! Exact resume: a checkpoint holds the parameters, BN statistics, EMA, optimizer state and the
 //! position (epoch, batch, update); the loader's order and augmentation are pure functions of
@@ -24,7 +24,7 @@ use crate::train::ema::{BufferPolicy, EmaConfig, EmaDecay, ModelEma};
 use crate::train::loader::{Augment, Loader, LoaderConfig};
 use crate::train::loss::DetectionLoss;
 use crate::train::model::{TrainNet, TrainOptions};
-use crate::train::optim::{Optimizer, Sgd, clip_grad_norm};
+use crate::train::optim::{AdamW, Optimizer, Sgd, clip_grad_norm};
 use crate::train::schedule::{ScheduleConfig, StepOn};
 
 /// Every knob of a training run. Defaults are the reference recipe (`../EFFICIENTDET.md`):
@@ -44,6 +44,10 @@ pub struct TrainConfig {
     pub warmup_lr: Option<f64>,
     pub warmup_epochs: u64,
     pub min_lr: f64,
+    /// `sgd` (the recipe: momentum, coupled weight decay) or `adamw` (timm's `--opt adamw`:
+    /// betas 0.9/0.999, decoupled weight decay; typical LR 1e-3 and weight decay 1e-2).
+    pub optimizer: OptimizerKind,
+    /// SGD momentum (unused by AdamW).
     pub momentum: f64,
     pub weight_decay: f64,
     pub clip_grad: f32,
@@ -78,6 +82,7 @@ impl Default for TrainConfig {
             warmup_lr: None,
             warmup_epochs: 1,
             min_lr: 1e-5,
+            optimizer: OptimizerKind::Sgd,
             momentum: 0.9,
             weight_decay: 4e-5,
             clip_grad: 10.0,
@@ -142,6 +147,49 @@ impl TrainConfig {
     }
 }
 
+/// Which optimizer a run uses ([`TrainConfig::optimizer`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    /// SGD with momentum (effdet's recipe).
+    #[default]
+    Sgd,
+    /// AdamW with torch's defaults.
+    AdamW,
+}
+
+impl OptimizerKind {
+    /// The name used in configs and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            OptimizerKind::Sgd => "sgd",
+            OptimizerKind::AdamW => "adamw",
+        }
+    }
+
+    /// Parses `sgd` or `adamw`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "sgd" | "momentum" => Ok(OptimizerKind::Sgd),
+            "adamw" => Ok(OptimizerKind::AdamW),
+            other => Err(Error::InvalidArgument(format!(
+                "unknown optimizer `{other}` (expected sgd or adamw)"
+            ))),
+        }
+    }
+
+    fn build(self, cfg: &TrainConfig) -> Box<dyn Optimizer + Send> {
+        match self {
+            OptimizerKind::Sgd => {
+                let mut sgd = Sgd::new(cfg.peak_lr(), cfg.weight_decay);
+                sgd.momentum = cfg.momentum;
+                Box::new(sgd)
+            }
+            OptimizerKind::AdamW => Box::new(AdamW::new(cfg.peak_lr(), cfg.weight_decay)),
+        }
+    }
+}
+
 /// One line of the training log (also a row of `metrics.csv`).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct LogRow {
@@ -174,7 +222,8 @@ pub struct Trainer {
     pub cfg: TrainConfig,
     pub net: TrainNet,
     pub ema: ModelEma,
-    pub sgd: Sgd,
+    /// The optimizer [`TrainConfig::optimizer`] names.
+    pub opt: Box<dyn Optimizer + Send>,
     /// Next epoch to run and next batch within it.
     pub epoch: u64,
     pub batch_in_epoch: u64,
@@ -208,13 +257,12 @@ impl Trainer {
             },
             ema_state(&net),
         )?;
-        let mut sgd = Sgd::new(cfg.peak_lr(), cfg.weight_decay);
-        sgd.momentum = cfg.momentum;
+        let opt = cfg.optimizer.build(&cfg);
         Ok(Trainer {
             cfg,
             net,
             ema,
-            sgd,
+            opt,
             epoch: 0,
             batch_in_epoch: 0,
             update: 0,
@@ -234,7 +282,7 @@ impl Trainer {
             ck.tensors.insert(format!("model.{k}"), v.clone());
         }
         ck.tensors.extend(self.ema.state_dict("ema."));
-        for (k, v) in self.sgd.state_dict() {
+        for (k, v) in self.opt.state_dict() {
             ck.tensors.insert(format!("optim.{k}"), v);
         }
         let json = |v: serde_json::Value| v.to_string();
@@ -326,7 +374,14 @@ impl Trainer {
         let params = std::mem::take(self.net.params_mut());
         self.net = TrainNet::from_parts(self.net.config().clone(), params, restored)?;
         self.ema.load_state_dict("ema.", &ck.tensors)?;
-        self.sgd
+        if saved.optimizer != self.cfg.optimizer {
+            return Err(bad(format!(
+                "the checkpoint was trained with {}, this run uses {}",
+                saved.optimizer.name(),
+                self.cfg.optimizer.name()
+            )));
+        }
+        self.opt
             .load_state_dict(self.net.params(), &ck.section("optim."))?;
         let progress: serde_json::Value = ck
             .metadata
@@ -424,7 +479,7 @@ impl Trainer {
             for batch in loader.skip(self.batch_in_epoch as usize) {
                 let batch = batch?;
                 let lr = schedule.lr(self.epoch, self.batch_in_epoch);
-                self.sgd.lr = lr;
+                self.opt.set_lr(lr);
                 self.net.params_mut().zero_grad();
                 let opts = TrainOptions {
                     drop_path_rate: self.cfg.drop_path_rate,
@@ -445,10 +500,10 @@ impl Trainer {
                         stats.loss, self.update, self.epoch
                     )));
                 }
-                let (net, sgd) = (&mut self.net, &mut self.sgd);
+                let (net, opt) = (&mut self.net, &mut self.opt);
                 backend.install(|| {
                     clip_grad_norm(net.params_mut(), self.cfg.clip_grad);
-                    sgd.step(net.params_mut())
+                    opt.step(net.params_mut())
                 })?;
                 let state = ema_state(&self.net);
                 self.ema
@@ -489,7 +544,7 @@ impl Trainer {
                 self.history.push(LogRow {
                     epoch: self.epoch,
                     update: self.update,
-                    lr: self.sgd.lr,
+                    lr: self.opt.lr(),
                     loss: window.0 / window.3 as f64,
                     class_loss: window.1 / window.3 as f64,
                     box_loss: window.2 / window.3 as f64,
@@ -524,7 +579,7 @@ impl Trainer {
                 self.history.push(LogRow {
                     epoch: self.epoch,
                     update: self.update,
-                    lr: self.sgd.lr,
+                    lr: self.opt.lr(),
                     val_ap: Some(ap),
                     val_ap50: Some(ap50),
                     ..LogRow::default()
