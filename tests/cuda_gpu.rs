@@ -224,3 +224,82 @@ fn fp16_network_matches_the_cpu_on_the_golden_images() {
         assert_eq!(one.len(), gpu_dets[i].len(), "image {i}: batch vs alone");
     }
 }
+
+/// Pointwise convolutions through cuBLAS (`ConvPolicy::Gemm`), the direct kernel and the
+/// per-shape choice (`Auto`) against the CPU engine, with and without bias, activation and
+/// residual. cuBLAS rounds the product to FP16 before the epilogue adds the bias (and the
+/// residual), so the bound is two FP16 roundings of the largest term:
+/// `|gpu - cpu| <= 2^-9 (|cpu| + |product|) + 1e-4`.
+#[test]
+fn pointwise_convolutions_match_the_cpu_on_every_path() {
+    use effdet::compute::cpu::CpuBackend;
+    use effdet::compute::cuda::backend::CudaBackend;
+    use effdet::compute::cuda::gemm::ConvPolicy;
+    use effdet::compute::{Activation, Backend, ConvSpec, Tensor};
+    let Some(gpu) = gpu_or_skip("pointwise_convolutions_match_the_cpu_on_every_path") else {
+        return;
+    };
+    let cpu = CpuBackend::new(1).unwrap();
+    let mut cuda = CudaBackend::new(gpu).unwrap();
+    let mut rng = Rng::new(5);
+    let mut half_tensor = |shape: &[usize]| {
+        let n: usize = shape.iter().product();
+        let v = (0..n)
+            .map(|_| half::f16::from_f32(rng.normal() as f32 * 0.5).to_f32())
+            .collect();
+        Tensor::new(shape.to_vec(), v).unwrap()
+    };
+    // (input NCHW, cout, act, bias, residual): the network's pointwise shapes in miniature,
+    // odd sizes so no dimension is a multiple of a tile.
+    let cases = [
+        ([2, 40, 17, 13], 24, Activation::Swish, true, true),
+        ([1, 16, 9, 7], 96, Activation::Swish, true, false),
+        ([3, 64, 5, 5], 64, Activation::None, false, false),
+        ([1, 3, 31, 1], 5, Activation::Relu, true, true),
+    ];
+    for policy in [ConvPolicy::Direct, ConvPolicy::Gemm, ConvPolicy::Auto] {
+        cuda.set_conv_policy(policy).unwrap();
+        if policy != ConvPolicy::Direct && !cuda.has_gemm() {
+            eprintln!("no cuBLAS here: {policy:?} not checked");
+            continue;
+        }
+        for (shape, cout, act, with_bias, with_res) in cases {
+            let x = half_tensor(&shape);
+            let w = half_tensor(&[cout, shape[1], 1, 1]);
+            let b = half_tensor(&[cout]);
+            let r = half_tensor(&[shape[0], cout, shape[2], shape[3]]);
+            let spec = ConvSpec::same(act);
+            let bias = with_bias.then_some(&b);
+            let res = with_res.then_some(&r);
+            let want = cpu.conv2d(&x, &w, bias, spec, res).unwrap();
+            let product = cpu
+                .conv2d(&x, &w, None, ConvSpec::same(Activation::None), None)
+                .unwrap();
+            let (gx, gw) = (cuda.upload(&x).unwrap(), cuda.upload(&w).unwrap());
+            let (gb, gr) = (cuda.upload(&b).unwrap(), cuda.upload(&r).unwrap());
+            let got = cuda
+                .conv2d(
+                    &gx,
+                    &gw,
+                    with_bias.then_some(&gb),
+                    spec,
+                    with_res.then_some(&gr),
+                )
+                .unwrap();
+            let got = cuda.download(&got).unwrap();
+            assert_eq!(got.shape(), want.shape());
+            for (i, ((&g, &c), &p)) in got
+                .data()
+                .iter()
+                .zip(want.data())
+                .zip(product.data())
+                .enumerate()
+            {
+                assert!(
+                    (g - c).abs() <= (c.abs() + p.abs()) / 512.0 + 1e-4,
+                    "{policy:?} {shape:?} -> {cout} {act:?}: element {i}: gpu {g}, cpu {c}"
+                );
+            }
+        }
+    }
+}

@@ -2,9 +2,10 @@
 //! one launch per op, everything queued on the detector's stream, so a forward pass never
 //! waits for the host. The model code (`crate::model`) runs unchanged on it.
 //!
-//! Convolutions use the direct kernel (`conv.cu`) for now: correct for every shape the network
-//! has (regular, strided, depthwise, SAME), and the reference for the faster cuDNN/cuBLAS paths
-//! to come.
+//! Convolutions use the direct kernel (`conv.cu`), correct for every shape the network has
+//! (regular, strided, depthwise, SAME), except pointwise ones where cuBLAS is faster: those are
+//! GEMMs on the tensor cores plus an epilogue kernel ([`super::gemm`]), chosen per shape by
+//! timing both the first time the shape runs.
 
 use std::sync::Arc;
 
@@ -12,6 +13,7 @@ use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKerne
 use half::f16;
 
 use super::device::{GpuContext, driver_error};
+use super::gemm::{ConvChoice, ConvPolicy, PointwiseGemm, PointwiseShape};
 use super::kernels::{CONV, ELEMENTWISE};
 use super::params::{ConvParams, activation_code};
 use crate::compute::{Activation, Backend, ConvSpec, Tensor};
@@ -63,6 +65,7 @@ impl GpuTensor {
 
 struct Kernels {
     conv: CudaFunction,
+    bias_act_residual: CudaFunction,
     channel_affine: CudaFunction,
     activation: CudaFunction,
     add: CudaFunction,
@@ -77,6 +80,9 @@ struct Kernels {
 pub struct CudaBackend {
     gpu: Arc<GpuContext>,
     k: Kernels,
+    /// cuBLAS for pointwise convolutions (`None` without the library).
+    gemm: Option<PointwiseGemm>,
+    policy: ConvPolicy,
 }
 
 fn cfg1d(n: usize) -> LaunchConfig {
@@ -107,6 +113,7 @@ impl CudaBackend {
         let e = |name: &str| gpu.function(&ELEMENTWISE, name);
         let k = Kernels {
             conv: gpu.function(&CONV, "conv2d_direct")?,
+            bias_act_residual: e("bias_act_residual")?,
             channel_affine: e("channel_affine")?,
             activation: e("activation")?,
             add: e("add")?,
@@ -116,7 +123,108 @@ impl CudaBackend {
             upsample_nearest: e("upsample_nearest")?,
             weighted_sum: e("weighted_sum")?,
         };
-        Ok(CudaBackend { gpu, k })
+        let policy = ConvPolicy::from_env()?;
+        let gemm = if policy == ConvPolicy::Direct {
+            None
+        } else {
+            PointwiseGemm::new(&gpu)?
+        };
+        Ok(CudaBackend {
+            gpu,
+            k,
+            gemm,
+            policy,
+        })
+    }
+
+    /// Overrides `EFFDET_CUDA_CONV` (tests compare both paths against the CPU).
+    pub fn set_conv_policy(&mut self, policy: ConvPolicy) -> Result<()> {
+        if policy != ConvPolicy::Direct && self.gemm.is_none() {
+            self.gemm = PointwiseGemm::new(&self.gpu)?;
+        }
+        self.policy = policy;
+        Ok(())
+    }
+
+    /// Whether pointwise convolutions can use cuBLAS here.
+    pub fn has_gemm(&self) -> bool {
+        self.gemm.is_some()
+    }
+
+    /// The direct kernel for `p` into `y` (bias, activation and residual fused).
+    fn conv_direct(&self, addrs: [u64; 5], p: &ConvParams, len: usize) -> Result<()> {
+        let [xa, wa, ba, ra, ya] = addrs;
+        let mut l = self.gpu.stream().launch_builder(&self.k.conv);
+        l.arg(&xa).arg(&wa).arg(&ba).arg(&ra).arg(&ya).arg(p);
+        // SAFETY: arguments match `conv2d_direct` (five pointers, then ConvParams by value);
+        // the addresses belong to tensors alive until the stream has run the launch (the
+        // caller keeps inputs and the output).
+        unsafe { l.launch(cfg1d(len)) }.map_err(launched("conv2d_direct"))?;
+        Ok(())
+    }
+
+    /// cuBLAS for the product, then the bias/activation/residual epilogue in place.
+    fn conv_gemm(
+        &self,
+        gemm: &PointwiseGemm,
+        shape: PointwiseShape,
+        addrs: [u64; 5],
+        act: i32,
+        len: usize,
+    ) -> Result<()> {
+        let [xa, wa, ba, ra, ya] = addrs;
+        // SAFETY: x is [batch, cin, pixels], w [cout, cin], y [batch, cout, pixels] (checked by
+        // ConvParams::new and the caller's allocation), all alive until the stream runs.
+        unsafe { gemm.run(shape, xa, wa, ya) }?;
+        if ba == 0 && ra == 0 && act == 0 {
+            return Ok(());
+        }
+        let (n, c, hw) = (len as i64, shape.cout as i32, shape.pixels as i64);
+        let mut l = self.gpu.stream().launch_builder(&self.k.bias_act_residual);
+        l.arg(&ya)
+            .arg(&ba)
+            .arg(&ra)
+            .arg(&n)
+            .arg(&c)
+            .arg(&hw)
+            .arg(&act);
+        // SAFETY: arguments match `bias_act_residual` (y in place, bias / residual or null).
+        unsafe { l.launch(cfg1d(len)) }.map_err(launched("bias_act_residual"))?;
+        Ok(())
+    }
+
+    /// Times the direct kernel and the GEMM path on this very convolution (the first time its
+    /// shape runs) and returns the faster. Synchronises the stream: a warm-up cost, once per
+    /// shape and batch size.
+    fn tune(
+        &self,
+        gemm: &PointwiseGemm,
+        shape: PointwiseShape,
+        addrs: [u64; 5],
+        p: &ConvParams,
+        len: usize,
+    ) -> Result<ConvChoice> {
+        const REPS: usize = 3;
+        let time = |f: &dyn Fn() -> Result<()>| -> Result<f64> {
+            f()?; // warm-up (first-use costs: cuBLAS heuristics, module loading)
+            self.gpu.synchronize()?;
+            let t = std::time::Instant::now();
+            for _ in 0..REPS {
+                f()?;
+            }
+            self.gpu.synchronize()?;
+            Ok(t.elapsed().as_secs_f64())
+        };
+        let direct = time(&|| self.conv_direct(addrs, p, len))?;
+        let blas = time(&|| self.conv_gemm(gemm, shape, addrs, p.act, len))?;
+        let choice = if blas < direct {
+            ConvChoice::Gemm
+        } else {
+            ConvChoice::Direct
+        };
+        tracing::debug!(?shape, direct_s = direct, gemm_s = blas, ?choice, "tuned");
+        gemm.record(shape, choice);
+        Ok(choice)
     }
 
     pub fn gpu(&self) -> &Arc<GpuContext> {
@@ -205,19 +313,40 @@ impl Backend for CudaBackend {
         if let Some(r) = residual {
             same_shape("conv2d residual", r, &y)?;
         }
-        let (xa, wa, ba, ra, ya) = (
+        let addrs = [
             self.addr(x),
             self.addr(weight),
             self.opt_addr(bias),
             self.opt_addr(residual),
             self.addr(&y),
-        );
-        let mut l = self.gpu.stream().launch_builder(&self.k.conv);
-        l.arg(&xa).arg(&wa).arg(&ba).arg(&ra).arg(&ya).arg(&p);
-        // SAFETY: arguments match `conv2d_direct` (five pointers, then ConvParams by value);
-        // the addresses belong to tensors alive until the stream has run the launch (the
-        // caller keeps inputs; `y` is returned).
-        unsafe { l.launch(cfg1d(y.len())) }.map_err(launched("conv2d_direct"))?;
+        ];
+        let pointwise = p.kh == 1
+            && p.kw == 1
+            && p.stride == 1
+            && p.groups == 1
+            && p.pad_top == 0
+            && p.pad_left == 0
+            && (p.oh, p.ow) == (p.h, p.w);
+        match (&self.gemm, pointwise, self.policy) {
+            (Some(gemm), true, policy) if policy != ConvPolicy::Direct => {
+                let shape = PointwiseShape {
+                    batch: p.n as usize,
+                    cin: p.cin as usize,
+                    cout,
+                    pixels: (p.h * p.w) as usize,
+                };
+                let choice = match (policy, gemm.choice(&shape)) {
+                    (ConvPolicy::Gemm, _) => ConvChoice::Gemm,
+                    (_, Some(c)) => c,
+                    _ => self.tune(gemm, shape, addrs, &p, y.len())?,
+                };
+                match choice {
+                    ConvChoice::Gemm => self.conv_gemm(gemm, shape, addrs, p.act, y.len())?,
+                    ConvChoice::Direct => self.conv_direct(addrs, &p, y.len())?,
+                }
+            }
+            _ => self.conv_direct(addrs, &p, y.len())?,
+        }
         Ok(y)
     }
 

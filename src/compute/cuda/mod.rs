@@ -8,6 +8,8 @@
 //!   post-processing kernels.
 //! - `backend` (feature `cuda`): `CudaBackend`, the [`crate::compute::Backend`] the model runs
 //!   on: FP16 tensors, one kernel per op (`conv.cu`, `elementwise.cu`).
+//! - `gemm` (feature `cuda`): pointwise convolutions as cuBLAS GEMMs, chosen per shape by
+//!   timing them against the direct kernel.
 //!
 //! The kernels' logic is tested without a GPU too: `tests/cuda_emulated.rs` compiles the same
 //! sources as C++ with a host shim (`EFFDET_HOST_EMULATION` in `prelude.cuh`) and checks them
@@ -25,6 +27,8 @@ pub mod params;
 pub mod backend;
 #[cfg(feature = "cuda")]
 mod device;
+#[cfg(feature = "cuda")]
+pub mod gemm;
 #[cfg(feature = "cuda")]
 pub mod postprocess;
 #[cfg(feature = "cuda")]
