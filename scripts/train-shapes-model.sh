@@ -2,7 +2,7 @@
 # Trains (or continues training) the bundled shapes model and scores it on the held-out set.
 #
 # Usage: scripts/train-shapes-model.sh OUT_DIR [extra `effdet train` flags...]
-#   e.g. scripts/train-shapes-model.sh runs/more --weights models/effdet-d0-shapes256.safetensors --epochs 8
+#   e.g. scripts/train-shapes-model.sh runs/more --weights models/effdet-d0-shapes256.safetensors --epochs 6
 #
 # Renders the training data (data/shapes256: 5000 + 300 images at 256x256, seed 0) and the
 # held-out set (data/heldout256: 500 images, --val-seed 1) when missing, trains with
