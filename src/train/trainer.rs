@@ -1,6 +1,7 @@
 //! The training loop behind `effdet train`: the reference recipe (SGD with momentum, or AdamW;
 //! weight decay on conv weights, clipping, cosine schedule with warm-up, EMA) over
-//! [`TrainNet`], fed by the [`Loader`], with periodic evaluation, atomic checkpoints and exact resume.
+//! [`TrainNet`], fed by the [`Loader`], with periodic evaluation, atomic checkpoints and exact
+//! resume.
 //!
 //! Exact resume: a checkpoint holds the parameters, BN statistics, EMA, optimizer state and the
 //! position (epoch, batch, update); the loader's order and augmentation are pure functions of
@@ -336,6 +337,13 @@ impl Trainer {
                 saved.input_size, self.cfg.input_size
             )));
         }
+        if saved.optimizer != self.cfg.optimizer {
+            return Err(bad(format!(
+                "the checkpoint was trained with {}, this run uses {}",
+                saved.optimizer.name(),
+                self.cfg.optimizer.name()
+            )));
+        }
         if let Some(cats) = ck.metadata.get("categories") {
             let saved: Vec<(u64, String)> =
                 serde_json::from_str(cats).map_err(|e| bad(e.to_string()))?;
@@ -374,13 +382,6 @@ impl Trainer {
         let params = std::mem::take(self.net.params_mut());
         self.net = TrainNet::from_parts(self.net.config().clone(), params, restored)?;
         self.ema.load_state_dict("ema.", &ck.tensors)?;
-        if saved.optimizer != self.cfg.optimizer {
-            return Err(bad(format!(
-                "the checkpoint was trained with {}, this run uses {}",
-                saved.optimizer.name(),
-                self.cfg.optimizer.name()
-            )));
-        }
         self.opt
             .load_state_dict(self.net.params(), &ck.section("optim."))?;
         let progress: serde_json::Value = ck
