@@ -308,22 +308,16 @@ impl Detector {
     /// each pass ends when its outputs are complete on that device (the GPU stream is
     /// synchronised; nothing is copied back). Returns the milliseconds of each timed pass.
     pub fn time_network(&self, input: &Tensor, warmup: usize, iters: usize) -> Result<Vec<f64>> {
-        let mut times = Vec::with_capacity(iters);
         match &self.engine {
             Engine::Cpu { backend, model } => backend.install(|| {
-                for i in 0..warmup + iters {
-                    let t = std::time::Instant::now();
+                timed_passes(warmup, iters, || {
                     std::hint::black_box(model.forward(backend, input)?);
-                    if i >= warmup {
-                        times.push(t.elapsed().as_secs_f64() * 1e3);
-                    }
-                }
-                Ok::<_, Error>(())
-            })?,
+                    Ok(())
+                })
+            }),
             #[cfg(feature = "cuda")]
-            Engine::Cuda(e) => e.time_network(input, warmup, iters, &mut times)?,
+            Engine::Cuda(e) => e.time_network(input, warmup, iters),
         }
-        Ok(times)
     }
 
     /// Device memory in use on this detector's GPU, in bytes (the device's total minus its
@@ -410,6 +404,25 @@ impl Detector {
     }
 }
 
+/// Runs `pass` `warmup` times untimed, then `iters` times timed; the milliseconds of each timed
+/// pass.
+fn timed_passes(
+    warmup: usize,
+    iters: usize,
+    mut pass: impl FnMut() -> Result<()>,
+) -> Result<Vec<f64>> {
+    for _ in 0..warmup {
+        pass()?;
+    }
+    (0..iters)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            pass()?;
+            Ok(t.elapsed().as_secs_f64() * 1e3)
+        })
+        .collect()
+}
+
 /// Without the `cuda` feature: the reason the engine cannot be built.
 #[cfg(not(feature = "cuda"))]
 mod cuda_engine {
@@ -493,21 +506,16 @@ mod cuda_engine {
             input: &Tensor,
             warmup: usize,
             iters: usize,
-            times: &mut Vec<f64>,
-        ) -> Result<()> {
+        ) -> Result<Vec<f64>> {
             let x = self.backend.upload(input)?;
             let gpu = self.backend.gpu();
             gpu.synchronize()?;
-            for i in 0..warmup + iters {
-                let t = std::time::Instant::now();
+            super::timed_passes(warmup, iters, || {
                 let outs = self.model.forward(&self.backend, &x)?;
                 gpu.synchronize()?;
-                if i >= warmup {
-                    times.push(t.elapsed().as_secs_f64() * 1e3);
-                }
                 drop(outs);
-            }
-            Ok(())
+                Ok(())
+            })
         }
 
         pub(super) fn memory_in_use(&self) -> Result<usize> {
