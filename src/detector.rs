@@ -119,6 +119,42 @@ pub const META_IMAGE_SIZE: &str = "effdet.image_size";
 /// Weights metadata key: the label file text (`<class> <name>` lines).
 pub const META_LABELS: &str = "effdet.labels";
 
+/// The model configuration `store` was trained with, starting from `base`: the number of
+/// classes from the class predictor's shape (`anchors * classes` outputs) and, unless `base`'s
+/// input size was changed from D0's 512x512, the input size from the `effdet.image_size`
+/// metadata that `effdet train` writes. Every tool that builds a network from a weights file
+/// (the [`Detector`], `effdet loss`) derives its configuration here, so they agree.
+pub fn config_for_weights(
+    store: &WeightStore,
+    base: EfficientDetConfig,
+) -> Result<EfficientDetConfig> {
+    let mut config = base;
+    if config.image_size == EfficientDetConfig::d0().image_size
+        && let Some(v) = store.metadata().get(META_IMAGE_SIZE)
+    {
+        let s: usize = v.parse().map_err(|_| Error::WeightsFormat {
+            path: store.path().to_path_buf(),
+            reason: format!("metadata {META_IMAGE_SIZE} = {v:?} is not a size"),
+        })?;
+        if s == 0 || !s.is_multiple_of(128) {
+            return Err(Error::WeightsFormat {
+                path: store.path().to_path_buf(),
+                reason: format!("metadata {META_IMAGE_SIZE} = {s} is not a multiple of 128"),
+            });
+        }
+        config.image_size = (s, s);
+    }
+    let a = config.anchors_per_location();
+    if let Some((_, shape)) = store
+        .names()
+        .find(|(k, _)| *k == "class_net.predict.conv_pw.weight")
+        && shape.first().is_some_and(|&n| n > 0 && n % a == 0)
+    {
+        config.num_classes = shape[0] / a;
+    }
+    Ok(config)
+}
+
 impl Detector {
     /// Loads weights (effdet-named safetensors, f32/f16/bf16) and builds the detector.
     pub fn new(weights: impl AsRef<Path>, options: DetectorOptions) -> Result<Self> {
@@ -135,30 +171,8 @@ impl Detector {
     /// 512x512) and class names (`effdet.labels`, used unless `options.labels` is given).
     pub fn from_weights(store: &WeightStore, options: DetectorOptions) -> Result<Self> {
         let mut options = options;
+        options.config = config_for_weights(store, options.config)?;
         let meta = store.metadata();
-        if options.config.image_size == EfficientDetConfig::d0().image_size
-            && let Some(v) = meta.get(META_IMAGE_SIZE)
-        {
-            let s: usize = v.parse().map_err(|_| Error::WeightsFormat {
-                path: store.path().to_path_buf(),
-                reason: format!("metadata {META_IMAGE_SIZE} = {v:?} is not a size"),
-            })?;
-            if s == 0 || !s.is_multiple_of(128) {
-                return Err(Error::WeightsFormat {
-                    path: store.path().to_path_buf(),
-                    reason: format!("metadata {META_IMAGE_SIZE} = {s} is not a multiple of 128"),
-                });
-            }
-            options.config.image_size = (s, s);
-        }
-        let a = options.config.anchors_per_location();
-        if let Some((_, shape)) = store
-            .names()
-            .find(|(k, _)| *k == "class_net.predict.conv_pw.weight")
-            && shape.first().is_some_and(|&n| n > 0 && n % a == 0)
-        {
-            options.config.num_classes = shape[0] / a;
-        }
         let labels = match (&options.labels, meta.get(META_LABELS)) {
             (Some(p), _) => Labels::from_file(p)?,
             (None, Some(text)) => Labels::parse(text).map_err(|reason| Error::WeightsFormat {

@@ -127,6 +127,10 @@ struct LossArgs {
     /// safetensors (f32).
     #[arg(long, value_name = "FILE")]
     grads_out: Option<PathBuf>,
+    /// Normalise batch norms with the running statistics (inference mode, PyTorch's
+    /// `model.eval()`) instead of the batch's: the loss of what inference computes.
+    #[arg(long)]
+    freeze_bn: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -436,9 +440,9 @@ fn loss(a: LossArgs) -> anyhow::Result<()> {
         )));
     }
     effdet::train::keep_freed_memory();
-    let config = EfficientDetConfig::d0();
-    let size = config.image_size.0;
     let store = WeightStore::open(&a.model.weights)?;
+    let config = effdet::detector::config_for_weights(&store, EfficientDetConfig::d0())?;
+    let size = config.image_size.0;
     let mut net = TrainNet::from_store(&store, config)?;
     drop(store);
     let anns = CocoAnnotations::open(&a.annotations)?;
@@ -449,6 +453,7 @@ fn loss(a: LossArgs) -> anyhow::Result<()> {
     let backend = CpuBackend::new(a.model.threads)?;
     let opts = TrainOptions {
         update_running_stats: false,
+        frozen_bn: a.freeze_bn,
         ..TrainOptions::default()
     };
     let stats = net.forward_backward(

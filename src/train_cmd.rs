@@ -89,6 +89,10 @@ pub struct TrainArgs {
     /// Stop after N updates in total.
     #[arg(long, value_name = "N")]
     pub max_updates: Option<u64>,
+    /// Normalise batch norms with their running statistics (inference mode) and keep those
+    /// fixed: fine-tuning a trained model on exactly what inference computes.
+    #[arg(long)]
+    pub freeze_bn: bool,
     /// Also write the final weights as f16 (`model_f16.safetensors`).
     #[arg(long)]
     pub f16: bool,
@@ -115,6 +119,9 @@ fn config(a: &TrainArgs) -> anyhow::Result<TrainConfig> {
     }
     if a.max_updates.is_some() {
         c.max_updates = a.max_updates;
+    }
+    if a.freeze_bn {
+        c.freeze_bn = true;
     }
     c.validate()?;
     Ok(c)

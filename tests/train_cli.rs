@@ -253,3 +253,106 @@ fn training_refuses_bad_data_and_settings_clearly() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("cannot fill one batch"));
 }
+
+/// `--freeze-bn`: the batch norms train with their running statistics (inference mode), so
+/// the statistics come out as they went in while the weights move.
+#[test]
+fn training_with_frozen_bn_keeps_the_running_statistics() {
+    let dir = tempfile::tempdir().unwrap();
+    let ann = dataset(dir.path(), None);
+    let init = root().join("tests/fixtures/golden/weights_f16.safetensors");
+    let out = dir.path().join("frozen");
+    ok(&train(
+        &ann,
+        &out,
+        &[
+            "--weights",
+            init.to_str().unwrap(),
+            "--freeze-bn",
+            "--max-updates",
+            "2",
+            "--optimizer",
+            "adamw",
+            "--lr",
+            "0.001",
+        ],
+    ));
+    let init = effdet::model::WeightStore::open(&init).unwrap();
+    let after = load_tensors(out.join("model.safetensors")).unwrap();
+    let before = |k: &str, t: &effdet::compute::Tensor| init.take(k, t.shape()).ok();
+    let mut stats = 0;
+    for (k, t) in &after {
+        if k.ends_with(".running_mean") || k.ends_with(".running_var") {
+            stats += 1;
+            let b = before(k, t).unwrap_or_else(|| panic!("{k} is not in the initial weights"));
+            // The EMA of a constant is that constant up to f32 rounding of `d x + (1 - d) x`.
+            for (a, b) in t.data().iter().zip(b.data()) {
+                assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{k}: {a} vs {b}");
+            }
+        }
+    }
+    assert_eq!(
+        stats,
+        2 * 108,
+        "every batch norm's statistics are in the weights"
+    );
+    assert!(
+        after
+            .iter()
+            .any(|(k, t)| k.ends_with(".weight") && before(k, t).is_some_and(|b| &b != t)),
+        "the weights must move"
+    );
+}
+
+/// `effdet loss` takes the class count and input size from the weights (the bundled 6-class,
+/// 256x256 shapes model), and `--freeze-bn` gives the loss of what inference computes.
+#[test]
+fn effdet_loss_reads_the_model_shape_from_the_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_effdet");
+    let synth = Command::new(bin)
+        .args([
+            "synth",
+            "--train",
+            "2",
+            "--val",
+            "0",
+            "--size",
+            "256",
+            "--video-frames",
+            "0",
+        ])
+        .arg("--out")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        synth.status.success(),
+        "{}",
+        String::from_utf8_lossy(&synth.stderr)
+    );
+    let images = dir.path().join("train/images");
+    let loss = |extra: &[&str]| {
+        let o = Command::new(bin)
+            .arg("loss")
+            .arg("--weights")
+            .arg(root().join("models/effdet-d0-shapes256.safetensors"))
+            .arg("--images")
+            .arg(images.join("000000.png"))
+            .arg("--annotations")
+            .arg(dir.path().join("train/annotations.json"))
+            .args(["--json", "--threads", "2"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["loss"].as_f64().unwrap()
+    };
+    let (batch_stats, frozen) = (loss(&[]), loss(&["--freeze-bn"]));
+    assert!(batch_stats.is_finite() && frozen.is_finite() && frozen > 0.0);
+    assert_ne!(
+        batch_stats, frozen,
+        "the two BN modes must differ on one image"
+    );
+}

@@ -314,3 +314,92 @@ fn effdet_loss_rejects_bad_annotations_with_clear_errors() {
     );
     assert_eq!(out.status.code(), Some(3), "missing weights");
 }
+
+/// With frozen batch norm the training network computes what inference computes: its loss on
+/// the golden batch equals the loss of the inference network's outputs (BN folded into the
+/// convolutions) within 1e-4 relative (both f32; folding reorders the arithmetic of ~200
+/// layers), the running statistics stay untouched, and the result differs from the
+/// training-mode (batch statistics) loss, so the option is not a no-op.
+#[test]
+fn frozen_bn_training_loss_is_the_loss_of_the_inference_network() {
+    use effdet::model::EfficientDet;
+    use effdet::train::loss::detection_loss_batched;
+    let store = WeightStore::open(weights()).unwrap();
+    let mut net = TrainNet::from_store(&store, EfficientDetConfig::d0()).unwrap();
+    let anns = CocoAnnotations::open(fixture("annotations.json")).unwrap();
+    let batch = load_batch(&images(), &anns, 512, &net.labeler().unwrap()).unwrap();
+    let backend = CpuBackend::new(2).unwrap();
+    let loss_cfg = DetectionLoss::d0();
+
+    let inference = EfficientDet::load(&backend, &store, EfficientDetConfig::d0()).unwrap();
+    let outputs = backend
+        .install(|| inference.forward(&backend, &batch.input))
+        .unwrap();
+    let class: Vec<&[f32]> = outputs.iter().map(|o| o.class.data()).collect();
+    let boxes: Vec<&[f32]> = outputs.iter().map(|o| o.boxes.data()).collect();
+    let want = detection_loss_batched(&class, &boxes, &batch.labels, &loss_cfg).unwrap();
+
+    let before = net.buffers().clone();
+    let frozen = TrainOptions {
+        frozen_bn: true,
+        ..TrainOptions::default()
+    };
+    let got = net
+        .forward_backward(
+            &backend,
+            &batch.input,
+            &batch.labels,
+            &loss_cfg,
+            &frozen,
+            None,
+        )
+        .unwrap();
+    assert_eq!(
+        net.buffers(),
+        &before,
+        "frozen BN must not move the running statistics"
+    );
+    for (name, a, b) in [
+        ("loss", got.loss, want.loss),
+        ("class", got.class_loss, want.class_loss),
+        ("box", got.box_loss, want.box_loss),
+    ] {
+        let rel = ((a - b) / b).abs();
+        assert!(
+            rel <= 1e-4,
+            "{name}: frozen-BN training {a} vs inference {b} ({rel:.1e})"
+        );
+    }
+    // Gradients reach the BN affine parameters (they still learn).
+    let gamma = net
+        .params()
+        .iter()
+        .find(|p| p.name == "backbone.bn1.weight")
+        .unwrap();
+    assert!(
+        gamma
+            .grad
+            .as_ref()
+            .unwrap()
+            .data()
+            .iter()
+            .any(|g| *g != 0.0)
+    );
+
+    let train_mode = net
+        .forward_backward(
+            &backend,
+            &batch.input,
+            &batch.labels,
+            &loss_cfg,
+            &TrainOptions::default(),
+            None,
+        )
+        .unwrap();
+    assert!(
+        ((train_mode.loss - got.loss) / got.loss).abs() > 1e-3,
+        "training-mode {} vs frozen {}",
+        train_mode.loss,
+        got.loss
+    );
+}

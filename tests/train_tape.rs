@@ -153,3 +153,92 @@ fn misuse_is_an_error() {
     assert!(t.fuse(&[x, x], e, 1e-4).is_err());
     let _ = leaves;
 }
+
+/// Frozen (inference-mode) batch norm on the tape: the output is `gamma (x - mean) / sigma +
+/// beta` with the given statistics, and the gradients of x, gamma and beta (the statistics are
+/// constants) match finite differences with the tolerance of the test above.
+#[test]
+fn frozen_batch_norm_matches_its_formula_and_finite_differences() {
+    use effdet::compute::cpu::backward::BatchNormCache;
+    let mut rng = Rng(11);
+    let p = vec![
+        rng.tensor(&[2, 4, 5, 3], 2.0),                           // x
+        Tensor::new(vec![4], vec![1.3, 0.6, -0.9, 1.0]).unwrap(), // gamma
+        rng.tensor(&[4], 0.5),                                    // beta
+        rng.tensor(&[2, 4, 5, 3], 1.0),                           // r: dL/dy
+    ];
+    let stats = BatchNormCache {
+        mean: vec![0.3, -0.2, 0.1, 0.5],
+        var: vec![0.5, 2.0, 1.5, 0.25],
+        eps: 1e-3,
+        count: 0,
+    };
+    let forward = |p: &[Tensor]| {
+        let mut t = Tape::new(CpuBackend::new(1).unwrap());
+        let v: Vec<Var> = p[..3].iter().map(|x| t.leaf(x.clone(), true)).collect();
+        let y = t
+            .batch_norm_frozen(v[0], v[1], v[2], stats.clone())
+            .unwrap();
+        let y = t.activation(y, Activation::Swish).unwrap();
+        let loss: f64 = t
+            .value(y)
+            .unwrap()
+            .data()
+            .iter()
+            .zip(p[3].data())
+            .map(|(a, b)| *a as f64 * *b as f64)
+            .sum();
+        (t, y, loss, v)
+    };
+    // The formula, before the swish.
+    {
+        let mut t = Tape::new(CpuBackend::new(1).unwrap());
+        let v: Vec<Var> = p[..3].iter().map(|x| t.leaf(x.clone(), false)).collect();
+        let y = t
+            .batch_norm_frozen(v[0], v[1], v[2], stats.clone())
+            .unwrap();
+        for (i, (&got, &x)) in t
+            .value(y)
+            .unwrap()
+            .data()
+            .iter()
+            .zip(p[0].data())
+            .enumerate()
+        {
+            let c = (i / 15) % 4;
+            let want = p[1].data()[c] * (x - stats.mean[c]) / (stats.var[c] + 1e-3).sqrt()
+                + p[2].data()[c];
+            assert!(
+                (got - want).abs() <= 1e-5 * want.abs().max(1.0),
+                "{i}: {got} vs {want}"
+            );
+        }
+    }
+    let (mut tape, y, _, leaves) = forward(&p);
+    let grads = tape.backward(y, p[3].clone()).unwrap();
+    let mut dirs = Rng(5);
+    for (k, name) in ["x", "gamma", "beta"].iter().enumerate() {
+        let g = grads.get(leaves[k]).unwrap();
+        let dir: Vec<f32> = (0..p[k].len()).map(|_| dirs.next()).collect();
+        let analytic: f64 = g
+            .data()
+            .iter()
+            .zip(&dir)
+            .map(|(a, b)| *a as f64 * *b as f64)
+            .sum();
+        let h = 1e-3f32;
+        let shifted = |sign: f32| {
+            let mut q = p.clone();
+            q[k].data_mut()
+                .iter_mut()
+                .zip(&dir)
+                .for_each(|(v, d)| *v += sign * h * d);
+            forward(&q).2
+        };
+        let numeric = (shifted(1.0) - shifted(-1.0)) / (2.0 * h as f64);
+        assert!(
+            (analytic - numeric).abs() <= 5e-3 * numeric.abs() + 2e-3,
+            "{name}: analytic {analytic:.6} vs numeric {numeric:.6}"
+        );
+    }
+}

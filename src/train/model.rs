@@ -59,7 +59,15 @@ pub struct TrainOptions {
     /// Running-statistics momentum of the backbone batch norms.
     pub backbone_bn_momentum: f32,
     /// Update the BN running statistics from this batch (PyTorch's training mode does).
+    /// Ignored when `frozen_bn` is set (nothing is measured then).
     pub update_running_stats: bool,
+    /// Normalise every batch norm with its running statistics, as inference does, instead of
+    /// the batch's (PyTorch's `model.eval()` BN with trainable affine; Detectron's frozen BN).
+    /// The statistics stay as they are; gamma and beta still learn. Fine-tuning this way
+    /// trains exactly the function the folded inference network computes, which batch
+    /// statistics of small batches do not: a model trained only with them can fire on every
+    /// anchor of an image whose own statistics are far from the running ones.
+    pub frozen_bn: bool,
     /// Batch statistics over all ranks of the communicator (PyTorch's `SyncBatchNorm`).
     pub sync_bn: bool,
     /// Normalise the loss by the positives of all ranks instead of this rank's (TF EfficientDet
@@ -77,6 +85,7 @@ impl Default for TrainOptions {
             bn_momentum: EFFDET_BN_MOMENTUM,
             backbone_bn_momentum: EFFDET_BACKBONE_BN_MOMENTUM,
             update_running_stats: true,
+            frozen_bn: false,
             sync_bn: false,
             global_normalizer: false,
         }
@@ -313,6 +322,7 @@ impl TrainNet {
                 bn: Vec::new(),
                 comm: comm.take(),
                 sync_bn: opts.sync_bn,
+                frozen_bn: opts.frozen_bn,
                 eps: self.config.bn_eps as f32,
                 drop: DropPath::new(
                     opts,
@@ -375,7 +385,7 @@ impl TrainNet {
                     self.params[i].accumulate_grad(&gt)?;
                 }
             }
-            if opts.update_running_stats {
+            if opts.update_running_stats && !opts.frozen_bn {
                 self.update_running_stats(&bn, opts)?;
             }
             Ok(StepStats {
@@ -466,6 +476,8 @@ struct Graph<'a, 'c> {
     comm: Option<&'c mut dyn Communicator>,
     /// Whether batch norms synchronise their statistics through `comm`.
     sync_bn: bool,
+    /// Whether batch norms use the running statistics ([`TrainOptions::frozen_bn`]).
+    frozen_bn: bool,
     eps: f32,
     drop: DropPath,
     batch: usize,
@@ -518,10 +530,30 @@ impl Graph<'_, '_> {
         self.tape.conv2d(x, w, b, spec)
     }
 
-    /// Training-mode batch norm `{prefix}.weight/.bias`, statistics recorded under `prefix`.
+    /// Training-mode batch norm `{prefix}.weight/.bias`, statistics recorded under `prefix`;
+    /// with frozen BN, normalised by `{prefix}.running_mean/_var` instead.
     fn bn(&mut self, x: Var, prefix: &str) -> Result<Var> {
         let gamma = self.param(&format!("{prefix}.weight"))?;
         let beta = self.param(&format!("{prefix}.bias"))?;
+        if self.frozen_bn {
+            let stat =
+                |suffix: &str| {
+                    let key = format!("{prefix}.{suffix}");
+                    self.net.buffers.get(&key).map(|t| t.data().to_vec()).ok_or(
+                        Error::MissingTensor {
+                            key,
+                            expected: Vec::new(),
+                        },
+                    )
+                };
+            let stats = BatchNormCache {
+                mean: stat("running_mean")?,
+                var: stat("running_var")?,
+                eps: self.eps,
+                count: 0,
+            };
+            return self.tape.batch_norm_frozen(x, gamma, beta, stats);
+        }
         let (y, cache) = match self.comm.as_deref_mut() {
             Some(c) if self.sync_bn => self.tape.batch_norm_synced(x, gamma, beta, self.eps, c)?,
             _ => self.tape.batch_norm(x, gamma, beta, self.eps)?,

@@ -41,6 +41,13 @@ enum Op {
         /// Statistics (and the backward's sums) taken over all ranks.
         synced: bool,
     },
+    /// Batch norm with fixed statistics (`cache` holds them).
+    FrozenBatchNorm {
+        x: Var,
+        gamma: Var,
+        beta: Var,
+        cache: BatchNormCache,
+    },
     GlobalAvgPool {
         x: Var,
     },
@@ -250,6 +257,32 @@ impl Tape {
         Ok((out, cache))
     }
 
+    /// Inference-mode batch norm: normalises with the fixed statistics `stats` (the running
+    /// mean and variance) instead of the batch's; only `gamma` and `beta` learn.
+    pub fn batch_norm_frozen(
+        &mut self,
+        x: Var,
+        gamma: Var,
+        beta: Var,
+        stats: BatchNormCache,
+    ) -> Result<Var> {
+        let y = {
+            let (xv, g, b) = (self.value(x)?, self.value(gamma)?, self.value(beta)?);
+            bw::batch_norm_frozen(xv, g.data(), b.data(), &stats)?
+        };
+        let rg = self.needs(&[x, gamma, beta])?;
+        Ok(self.push(
+            Op::FrozenBatchNorm {
+                x,
+                gamma,
+                beta,
+                cache: stats,
+            },
+            y,
+            rg,
+        ))
+    }
+
     /// Mean over H and W.
     pub fn global_avg_pool(&mut self, x: Var) -> Result<Var> {
         let y = self.backend.global_avg_pool(self.value(x)?)?;
@@ -450,6 +483,20 @@ impl Tape {
                 } else {
                     bw::batch_norm_train_backward(xv, gm.data(), cache, g)?
                 };
+                vec![
+                    (*x, r.input),
+                    (*gamma, Tensor::new(gm.shape().to_vec(), r.gamma)?),
+                    (*beta, Tensor::new(gm.shape().to_vec(), r.beta)?),
+                ]
+            }
+            Op::FrozenBatchNorm {
+                x,
+                gamma,
+                beta,
+                cache,
+            } => {
+                let gm = self.value(*gamma)?;
+                let r = bw::batch_norm_frozen_backward(self.value(*x)?, gm.data(), cache, g)?;
                 vec![
                     (*x, r.input),
                     (*gamma, Tensor::new(gm.shape().to_vec(), r.gamma)?),

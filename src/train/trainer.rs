@@ -56,6 +56,10 @@ pub struct TrainConfig {
     /// TF-style EMA warm-up `min(decay, (1 + t) / (10 + t))` (needed for short runs).
     pub ema_warmup: bool,
     pub drop_path_rate: f32,
+    /// Normalise every batch norm with its running statistics instead of the batch's and keep
+    /// those statistics fixed ([`TrainOptions::frozen_bn`]): for fine-tuning a trained model
+    /// so that what it learns is what inference computes.
+    pub freeze_bn: bool,
     pub hflip_prob: f64,
     pub scale_min: f64,
     pub scale_max: f64,
@@ -90,6 +94,7 @@ impl Default for TrainConfig {
             ema_decay: 0.9998,
             ema_warmup: true,
             drop_path_rate: 0.2,
+            freeze_bn: false,
             hflip_prob: 0.5,
             scale_min: 0.1,
             scale_max: 2.0,
@@ -484,6 +489,7 @@ impl Trainer {
                 self.net.params_mut().zero_grad();
                 let opts = TrainOptions {
                     drop_path_rate: self.cfg.drop_path_rate,
+                    frozen_bn: self.cfg.freeze_bn,
                     seed: self.cfg.seed ^ self.update.wrapping_mul(0x9E37_79B9_7F4A_7C15),
                     ..TrainOptions::default()
                 };

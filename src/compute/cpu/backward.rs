@@ -1111,6 +1111,92 @@ pub fn batch_norm_train_backward_reduced(
     })
 }
 
+/// Frozen (inference-mode) batch norm: normalise with fixed statistics (the running mean and
+/// variance in `stats`, not the batch's), then `gamma * x_hat + beta`. This is the layer the
+/// inference engine folds into its convolutions, so training through it optimises exactly what
+/// inference computes; `stats.count` is not used.
+pub fn batch_norm_frozen(
+    x: &Tensor,
+    gamma: &[f32],
+    beta: &[f32],
+    stats: &BatchNormCache,
+) -> Result<Tensor> {
+    let [_, c, h, w] = x.dims4("batch_norm_frozen")?;
+    if gamma.len() != c || beta.len() != c || stats.mean.len() != c || stats.var.len() != c {
+        return Err(shape_err(
+            "batch_norm_frozen",
+            format!(
+                "{c} channels, {} / {} affine, {} / {} statistics",
+                gamma.len(),
+                beta.len(),
+                stats.mean.len(),
+                stats.var.len()
+            ),
+        ));
+    }
+    let hw = h * w;
+    let mut y = x.clone();
+    y.data_mut()
+        .par_chunks_mut(hw.max(1))
+        .enumerate()
+        .for_each(|(p, plane)| {
+            let ch = p % c;
+            let scale = gamma[ch] as f64 / (stats.var[ch] as f64 + stats.eps as f64).sqrt();
+            simd::centered_affine(plane, stats.mean[ch] as f64, scale, beta[ch] as f64);
+        });
+    Ok(y)
+}
+
+/// Backward of [`batch_norm_frozen`]: the statistics are constants, so
+/// `dx = gamma / sigma * dy`, `dgamma = sum(dy * x_hat)`, `dbeta = sum(dy)`.
+pub fn batch_norm_frozen_backward(
+    x: &Tensor,
+    gamma: &[f32],
+    stats: &BatchNormCache,
+    grad_out: &Tensor,
+) -> Result<BatchNormGrads> {
+    check_same("batch_norm_frozen_backward", x, grad_out)?;
+    let [n, c, h, w] = x.dims4("batch_norm_frozen_backward")?;
+    if gamma.len() != c || stats.mean.len() != c || stats.var.len() != c {
+        return Err(shape_err(
+            "batch_norm_frozen_backward",
+            format!(
+                "{c} channels, gamma {} / statistics {}",
+                gamma.len(),
+                stats.mean.len()
+            ),
+        ));
+    }
+    let hw = h * w;
+    let (xd, gd) = (x.data(), grad_out.data());
+    let inv = |ch: usize| 1.0 / (stats.var[ch] as f64 + stats.eps as f64).sqrt();
+    let sums: Vec<(f64, f64)> = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let (mut sg, mut sgx) = (0f64, 0f64);
+            for b in 0..n {
+                let r = (b * c + ch) * hw..(b * c + ch + 1) * hw;
+                let (a, d) = simd::sum_and_dot_f64(&gd[r.clone()], &xd[r]);
+                sg += a;
+                sgx += d;
+            }
+            (sg, inv(ch) * (sgx - stats.mean[ch] as f64 * sg))
+        })
+        .collect();
+    let mut gx = grad_out.data().to_vec();
+    gx.par_chunks_mut(hw.max(1))
+        .enumerate()
+        .for_each(|(p, plane)| {
+            let k = (gamma[p % c] as f64 * inv(p % c)) as f32;
+            plane.iter_mut().for_each(|v| *v *= k);
+        });
+    Ok(BatchNormGrads {
+        input: Tensor::new(x.shape().to_vec(), gx)?,
+        gamma: sums.iter().map(|s| s.1 as f32).collect(),
+        beta: sums.iter().map(|s| s.0 as f32).collect(),
+    })
+}
+
 /// Backward of global average pooling: each input gets `grad / (H * W)`.
 pub fn global_avg_pool_backward(x_shape: &[usize], grad_out: &Tensor) -> Result<Tensor> {
     let [n, c, h, w] = match x_shape {
