@@ -86,6 +86,40 @@ fn forward(p: &[Tensor]) -> (Tape, Var, f64, Vec<Var>) {
     (t, y, loss, v)
 }
 
+/// Checks the gradient `g` of leaf `k` against central differences of `loss` along a random
+/// direction: `(L(p + h d) - L(p - h d)) / 2h` vs `<g, d>`, with the tolerance the module
+/// documentation explains.
+fn check_direction(
+    name: &str,
+    p: &[Tensor],
+    k: usize,
+    g: &Tensor,
+    rng: &mut Rng,
+    loss: impl Fn(&[Tensor]) -> f64,
+) {
+    let dir: Vec<f32> = (0..p[k].len()).map(|_| rng.next()).collect();
+    let analytic: f64 = g
+        .data()
+        .iter()
+        .zip(&dir)
+        .map(|(a, b)| *a as f64 * *b as f64)
+        .sum();
+    let h = 1e-3f32;
+    let shifted = |sign: f32| {
+        let mut q = p.to_vec();
+        q[k].data_mut()
+            .iter_mut()
+            .zip(&dir)
+            .for_each(|(v, d)| *v += sign * h * d);
+        loss(&q)
+    };
+    let numeric = (shifted(1.0) - shifted(-1.0)) / (2.0 * h as f64);
+    assert!(
+        (analytic - numeric).abs() <= 5e-3 * numeric.abs() + 2e-3,
+        "{name}: analytic {analytic:.6} vs numeric {numeric:.6}"
+    );
+}
+
 #[test]
 fn tape_gradients_match_directional_finite_differences() {
     let p = params();
@@ -104,27 +138,7 @@ fn tape_gradients_match_directional_finite_differences() {
         let g = grads
             .get(leaves[k])
             .unwrap_or_else(|| panic!("no gradient for {name}"));
-        let dir: Vec<f32> = (0..p[k].len()).map(|_| rng.next()).collect();
-        let analytic: f64 = g
-            .data()
-            .iter()
-            .zip(&dir)
-            .map(|(a, b)| *a as f64 * *b as f64)
-            .sum();
-        let h = 1e-3f32;
-        let shifted = |sign: f32| {
-            let mut q = p.clone();
-            q[k].data_mut()
-                .iter_mut()
-                .zip(&dir)
-                .for_each(|(v, d)| *v += sign * h * d);
-            forward(&q).2
-        };
-        let numeric = (shifted(1.0) - shifted(-1.0)) / (2.0 * h as f64);
-        assert!(
-            (analytic - numeric).abs() <= 5e-3 * numeric.abs() + 2e-3,
-            "{name}: analytic {analytic:.6} vs numeric {numeric:.6}"
-        );
+        check_direction(name, &p, k, g, &mut rng, |q| forward(q).2);
     }
     // Batch norm removes any per-channel constant: the conv bias before it has zero gradient.
     let gb1 = grads.get(leaves[2]).unwrap();
@@ -219,26 +233,6 @@ fn frozen_batch_norm_matches_its_formula_and_finite_differences() {
     let mut dirs = Rng(5);
     for (k, name) in ["x", "gamma", "beta"].iter().enumerate() {
         let g = grads.get(leaves[k]).unwrap();
-        let dir: Vec<f32> = (0..p[k].len()).map(|_| dirs.next()).collect();
-        let analytic: f64 = g
-            .data()
-            .iter()
-            .zip(&dir)
-            .map(|(a, b)| *a as f64 * *b as f64)
-            .sum();
-        let h = 1e-3f32;
-        let shifted = |sign: f32| {
-            let mut q = p.clone();
-            q[k].data_mut()
-                .iter_mut()
-                .zip(&dir)
-                .for_each(|(v, d)| *v += sign * h * d);
-            forward(&q).2
-        };
-        let numeric = (shifted(1.0) - shifted(-1.0)) / (2.0 * h as f64);
-        assert!(
-            (analytic - numeric).abs() <= 5e-3 * numeric.abs() + 2e-3,
-            "{name}: analytic {analytic:.6} vs numeric {numeric:.6}"
-        );
+        check_direction(name, &p, k, g, &mut dirs, |q| forward(q).2);
     }
 }

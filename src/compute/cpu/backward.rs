@@ -1054,36 +1054,9 @@ pub fn batch_norm_train_backward_reduced(
     grad_out: &Tensor,
     reduce: ReduceSums<'_>,
 ) -> Result<BatchNormGrads> {
-    check_same("batch_norm_train_backward", x, grad_out)?;
-    let [n, c, h, w] = x.dims4("batch_norm_train_backward")?;
-    if gamma.len() != c || cache.mean.len() != c || cache.var.len() != c {
-        return Err(shape_err(
-            "batch_norm_train_backward",
-            format!(
-                "{c} channels, gamma {} / statistics {}",
-                gamma.len(),
-                cache.mean.len()
-            ),
-        ));
-    }
-    let hw = h * w;
+    let (c, hw, sums) = bn_grad_sums("batch_norm_train_backward", x, gamma, cache, grad_out)?;
     let count = cache.count as f64;
     let (xd, gd) = (x.data(), grad_out.data());
-    // Per channel: sum(dy) and sum(dy * x_hat) = inv * (sum(dy * x) - mean * sum(dy)).
-    let sums: Vec<(f64, f64)> = (0..c)
-        .into_par_iter()
-        .map(|ch| {
-            let inv = 1.0 / (cache.var[ch] as f64 + cache.eps as f64).sqrt();
-            let (mut sg, mut sgx) = (0f64, 0f64);
-            for b in 0..n {
-                let r = (b * c + ch) * hw..(b * c + ch + 1) * hw;
-                let (a, d) = simd::sum_and_dot_f64(&gd[r.clone()], &xd[r]);
-                sg += a;
-                sgx += d;
-            }
-            (sg, inv * (sgx - cache.mean[ch] as f64 * sg))
-        })
-        .collect();
     let mut global: Vec<f64> = sums.iter().flat_map(|&(a, b)| [a, b]).collect();
     reduce(&mut global)?;
     // dx = gamma inv (dy - sum(dy) / N - x_hat sum(dy x_hat) / N)
@@ -1147,19 +1120,24 @@ pub fn batch_norm_frozen(
     Ok(y)
 }
 
-/// Backward of [`batch_norm_frozen`]: the statistics are constants, so
-/// `dx = gamma / sigma * dy`, `dgamma = sum(dy * x_hat)`, `dbeta = sum(dy)`.
-pub fn batch_norm_frozen_backward(
+/// `(channels, H * W, per-channel (sum(dy), sum(dy * x_hat)))` of [`bn_grad_sums`].
+type BnGradSums = (usize, usize, Vec<(f64, f64)>);
+
+/// The shape checks of a batch-norm backward and its per-channel sums over batch and space,
+/// `(sum(dy), sum(dy * x_hat))` with `x_hat = (x - mean) / sqrt(var + eps)` of `stats`
+/// (`sum(dy * x_hat)` as `inv * (sum(dy * x) - mean * sum(dy))`). Returns `(C, H * W, sums)`.
+fn bn_grad_sums(
+    op: &'static str,
     x: &Tensor,
     gamma: &[f32],
     stats: &BatchNormCache,
     grad_out: &Tensor,
-) -> Result<BatchNormGrads> {
-    check_same("batch_norm_frozen_backward", x, grad_out)?;
-    let [n, c, h, w] = x.dims4("batch_norm_frozen_backward")?;
+) -> Result<BnGradSums> {
+    check_same(op, x, grad_out)?;
+    let [n, c, h, w] = x.dims4(op)?;
     if gamma.len() != c || stats.mean.len() != c || stats.var.len() != c {
         return Err(shape_err(
-            "batch_norm_frozen_backward",
+            op,
             format!(
                 "{c} channels, gamma {} / statistics {}",
                 gamma.len(),
@@ -1169,10 +1147,10 @@ pub fn batch_norm_frozen_backward(
     }
     let hw = h * w;
     let (xd, gd) = (x.data(), grad_out.data());
-    let inv = |ch: usize| 1.0 / (stats.var[ch] as f64 + stats.eps as f64).sqrt();
-    let sums: Vec<(f64, f64)> = (0..c)
+    let sums = (0..c)
         .into_par_iter()
         .map(|ch| {
+            let inv = 1.0 / (stats.var[ch] as f64 + stats.eps as f64).sqrt();
             let (mut sg, mut sgx) = (0f64, 0f64);
             for b in 0..n {
                 let r = (b * c + ch) * hw..(b * c + ch + 1) * hw;
@@ -1180,9 +1158,22 @@ pub fn batch_norm_frozen_backward(
                 sg += a;
                 sgx += d;
             }
-            (sg, inv(ch) * (sgx - stats.mean[ch] as f64 * sg))
+            (sg, inv * (sgx - stats.mean[ch] as f64 * sg))
         })
         .collect();
+    Ok((c, hw, sums))
+}
+
+/// Backward of [`batch_norm_frozen`]: the statistics are constants, so
+/// `dx = gamma / sigma * dy`, `dgamma = sum(dy * x_hat)`, `dbeta = sum(dy)`.
+pub fn batch_norm_frozen_backward(
+    x: &Tensor,
+    gamma: &[f32],
+    stats: &BatchNormCache,
+    grad_out: &Tensor,
+) -> Result<BatchNormGrads> {
+    let (c, hw, sums) = bn_grad_sums("batch_norm_frozen_backward", x, gamma, stats, grad_out)?;
+    let inv = |ch: usize| 1.0 / (stats.var[ch] as f64 + stats.eps as f64).sqrt();
     let mut gx = grad_out.data().to_vec();
     gx.par_chunks_mut(hw.max(1))
         .enumerate()
