@@ -582,13 +582,13 @@ fn soak_memory_child() {
 
 /// Without a `model` property the element loads the model bundled in `models/` (trained here on
 /// the synthetic shapes; 6 classes, 256x256 input, both from the file's metadata) and finds the
-/// shapes of four held-out synthetic frames, named by the model's own labels: over the four, at
-/// least half the ground-truth objects are matched by a detection of the same class with IoU of
-/// at least 0.5, at scores of 0.1 and up. A loose bar while the model is under-trained (held-out
-/// AP 0.22, see models/README.md); counted over several frames because the model still fails
-/// outright on some frames (about one in seven: high scores everywhere; frame 0 here is one),
-/// which is a model defect to fix by training, not the element's. A 90-class post-processing
-/// config, as before the fix, failed every frame.
+/// shapes of four held-out synthetic frames, named by the model's own labels: a ground-truth
+/// object counts as found when a detection of its class (score 0.1 and up) overlaps it with IoU
+/// of at least 0.5. Every frame must have at least half of its objects found and the four
+/// together at least two thirds (the bundled model finds 7/8, 7/12, 8/10 and 10/12 of them,
+/// 32 of 42; its held-out AP is 0.54, see models/README.md). Frame 0 is one on which the
+/// stage 2 model fired everywhere (a batch-norm defect, fixed by training with frozen BN); a
+/// 90-class post-processing config, as before an earlier fix, failed every frame.
 #[test]
 fn default_model_is_the_bundled_shapes_detector() {
     init();
@@ -628,7 +628,7 @@ fn default_model_is_the_bundled_shapes_detector() {
             dets.iter().all(|d| names.contains(&d.label.as_str())),
             "{dets:?}"
         );
-        matched += img
+        let found = img
             .objects
             .iter()
             .filter(|o| {
@@ -636,10 +636,16 @@ fn default_model_is_the_bundled_shapes_detector() {
                     .any(|d| d.class_id == o.class_id() && iou(d, o.bbox) >= 0.5)
             })
             .count();
+        assert!(
+            2 * found >= img.objects.len(),
+            "frame {i}: only {found} of {} objects found",
+            img.objects.len()
+        );
+        matched += found;
         total += img.objects.len();
     }
     assert!(
-        2 * matched >= total,
+        3 * matched >= 2 * total,
         "only {matched} of {total} objects found in 4 frames"
     );
 }
