@@ -120,7 +120,7 @@ struct LossArgs {
     )]
     images: Vec<PathBuf>,
     /// COCO-format annotations; images are matched by `file_name` (boxes `[x, y, w, h]` in
-    /// image pixels, COCO category ids = class ids 1..=90).
+    /// image pixels, COCO category ids = class ids 1..=K for the model's K classes).
     #[arg(long, value_name = "FILE")]
     annotations: PathBuf,
     /// Write d loss / d parameter for every trainable parameter (effdet key names) as

@@ -69,6 +69,7 @@ pub struct TrainOptions {
     /// anchor of an image whose own statistics are far from the running ones.
     pub frozen_bn: bool,
     /// Batch statistics over all ranks of the communicator (PyTorch's `SyncBatchNorm`).
+    /// Nothing to synchronise with `frozen_bn`, which takes precedence.
     pub sync_bn: bool,
     /// Normalise the loss by the positives of all ranks instead of this rank's (TF EfficientDet
     /// sums `num_positives` across replicas); the rank's loss is scaled by the world size so
