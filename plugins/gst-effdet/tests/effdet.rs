@@ -586,7 +586,7 @@ fn soak_memory_child() {
 /// object counts as found when a detection of its class (score 0.1 and up) overlaps it with IoU
 /// of at least 0.5. Every frame must have at least half of its objects found and the four
 /// together at least two thirds (the bundled model finds 7/8, 7/12, 8/10 and 10/12 of them,
-/// 32 of 42; its held-out AP is 0.54, see models/README.md). Frame 0 is one on which the
+/// 32 of 42; its held-out AP is 0.56, see models/README.md). Frame 0 is one on which the
 /// stage 2 model fired everywhere (a batch-norm defect, fixed by training with frozen BN); a
 /// 90-class post-processing config, as before an earlier fix, failed every frame.
 #[test]
