@@ -1003,17 +1003,7 @@ pub fn batch_norm_train_reduced(
         .zip(&sq)
         .map(|(&m, &s)| (m, s / count))
         .collect();
-    // y = (x - mean) * gamma / sigma + beta, per-channel constants from f64.
-    let mut y = x.clone();
-    y.data_mut()
-        .par_chunks_mut(hw.max(1))
-        .enumerate()
-        .for_each(|(p, plane)| {
-            let ch = p % c;
-            let (mean, var) = stats[ch];
-            let scale = gamma[ch] as f64 / (var + eps as f64).sqrt();
-            simd::centered_affine(plane, mean, scale, beta[ch] as f64);
-        });
+    let y = normalize_affine(x, gamma, beta, eps, |ch| stats[ch]);
     Ok((
         y,
         BatchNormCache {
@@ -1094,7 +1084,7 @@ pub fn batch_norm_frozen(
     beta: &[f32],
     stats: &BatchNormCache,
 ) -> Result<Tensor> {
-    let [_, c, h, w] = x.dims4("batch_norm_frozen")?;
+    let [_, c, _, _] = x.dims4("batch_norm_frozen")?;
     if gamma.len() != c || beta.len() != c || stats.mean.len() != c || stats.var.len() != c {
         return Err(shape_err(
             "batch_norm_frozen",
@@ -1107,17 +1097,33 @@ pub fn batch_norm_frozen(
             ),
         ));
     }
-    let hw = h * w;
+    Ok(normalize_affine(x, gamma, beta, stats.eps, |ch| {
+        (stats.mean[ch] as f64, stats.var[ch] as f64)
+    }))
+}
+
+/// `y = (x - mean) * gamma / sqrt(var + eps) + beta` per channel of an NCHW tensor whose shape
+/// the caller checked, with `(mean, var) = stats(channel)` and the per-channel constants in f64:
+/// the normalisation of both batch-norm modes.
+fn normalize_affine(
+    x: &Tensor,
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+    stats: impl Fn(usize) -> (f64, f64) + Sync,
+) -> Tensor {
+    let (c, hw) = (x.shape()[1], x.shape()[2] * x.shape()[3]);
     let mut y = x.clone();
     y.data_mut()
         .par_chunks_mut(hw.max(1))
         .enumerate()
         .for_each(|(p, plane)| {
             let ch = p % c;
-            let scale = gamma[ch] as f64 / (stats.var[ch] as f64 + stats.eps as f64).sqrt();
-            simd::centered_affine(plane, stats.mean[ch] as f64, scale, beta[ch] as f64);
+            let (mean, var) = stats(ch);
+            let scale = gamma[ch] as f64 / (var + eps as f64).sqrt();
+            simd::centered_affine(plane, mean, scale, beta[ch] as f64);
         });
-    Ok(y)
+    y
 }
 
 /// `(channels, H * W, per-channel (sum(dy), sum(dy * x_hat)))` of [`bn_grad_sums`].
