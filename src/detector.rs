@@ -71,6 +71,11 @@ pub struct DetectorOptions {
     pub labels: Option<PathBuf>,
     /// GPU ordinal for the CUDA engine (0 = the first GPU).
     pub device: usize,
+    /// Square network input size for a model loaded from weights (a multiple of 128). `None`
+    /// runs it at the size it was trained at (the `effdet.image_size` metadata, else
+    /// `config.image_size`). A larger size makes small objects larger to the network; a model
+    /// trained with scale jitter usually finds more of them there, at the cost of more compute.
+    pub input_size: Option<usize>,
 }
 
 impl Default for DetectorOptions {
@@ -82,6 +87,7 @@ impl Default for DetectorOptions {
             postprocess: PostprocessConfig::default(),
             labels: None,
             device: 0,
+            input_size: None,
         }
     }
 }
@@ -120,26 +126,34 @@ pub const META_IMAGE_SIZE: &str = "effdet.image_size";
 pub const META_LABELS: &str = "effdet.labels";
 
 /// The model configuration `store` was trained with, starting from `base`: the number of
-/// classes from the class predictor's shape (`anchors * classes` outputs) and, unless `base`'s
-/// input size was changed from D0's 512x512, the input size from the `effdet.image_size`
-/// metadata that `effdet train` writes. Every tool that builds a network from a weights file
-/// (the [`Detector`], `effdet loss`) derives its configuration here, so they agree.
+/// classes from the class predictor's shape (`anchors * classes` outputs) and the input size:
+/// `input_size` when given, else the `effdet.image_size` metadata that `effdet train` writes,
+/// else `base`'s. Every tool that builds a network from a weights file (the [`Detector`],
+/// `effdet loss`) derives its configuration here, so they agree.
 pub fn config_for_weights(
     store: &WeightStore,
     base: EfficientDetConfig,
+    input_size: Option<usize>,
 ) -> Result<EfficientDetConfig> {
     let mut config = base;
-    if config.image_size == EfficientDetConfig::d0().image_size
-        && let Some(v) = store.metadata().get(META_IMAGE_SIZE)
-    {
-        let s: usize = v.parse().map_err(|_| Error::WeightsFormat {
+    let size = match (input_size, store.metadata().get(META_IMAGE_SIZE)) {
+        (Some(s), _) => Some(s),
+        (None, Some(v)) => Some(v.parse().map_err(|_| Error::WeightsFormat {
             path: store.path().to_path_buf(),
             reason: format!("metadata {META_IMAGE_SIZE} = {v:?} is not a size"),
-        })?;
+        })?),
+        (None, None) => None,
+    };
+    if let Some(s) = size {
         if s == 0 || !s.is_multiple_of(128) {
-            return Err(Error::WeightsFormat {
-                path: store.path().to_path_buf(),
-                reason: format!("metadata {META_IMAGE_SIZE} = {s} is not a multiple of 128"),
+            return Err(match input_size {
+                Some(_) => Error::InvalidArgument(format!(
+                    "input size {s} is not a positive multiple of 128"
+                )),
+                None => Error::WeightsFormat {
+                    path: store.path().to_path_buf(),
+                    reason: format!("metadata {META_IMAGE_SIZE} = {s} is not a multiple of 128"),
+                },
             });
         }
         config.image_size = (s, s);
@@ -167,11 +181,11 @@ impl Detector {
     /// The number of classes is taken from the weights (the class predictor has
     /// `anchors * classes` outputs), so models trained on other datasets load without extra
     /// settings. Weights written by `effdet train` also carry their input size
-    /// (`effdet.image_size`, used unless `options.config.image_size` was changed from D0's
-    /// 512x512) and class names (`effdet.labels`, used unless `options.labels` is given).
+    /// (`effdet.image_size`, used unless `options.input_size` is given) and class names
+    /// (`effdet.labels`, used unless `options.labels` is given).
     pub fn from_weights(store: &WeightStore, options: DetectorOptions) -> Result<Self> {
         let mut options = options;
-        options.config = config_for_weights(store, options.config)?;
+        options.config = config_for_weights(store, options.config, options.input_size)?;
         let meta = store.metadata();
         let labels = match (&options.labels, meta.get(META_LABELS)) {
             (Some(p), _) => Labels::from_file(p)?,

@@ -22,9 +22,10 @@ pub struct EvalArgs {
     /// Folder the annotations' `file_name`s are relative to (with --weights).
     #[arg(long, value_name = "DIR", requires = "weights")]
     pub images: Option<PathBuf>,
-    /// Network input size of the model (with --weights; 512 for D0 as released).
-    #[arg(long, value_name = "S", default_value_t = 512)]
-    pub size: usize,
+    /// Network input size to run the model at (with --weights; a multiple of 128). Default:
+    /// the size it was trained at (its `effdet.image_size` metadata; 512 for D0 as released).
+    #[arg(long, value_name = "S")]
+    pub size: Option<usize>,
     /// CPU threads (with --weights; 0 = all cores).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub threads: usize,

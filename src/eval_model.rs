@@ -7,18 +7,17 @@ use std::path::{Path, PathBuf};
 
 use effdet::compute::Tensor;
 use effdet::eval::{CocoDetection, CocoStats, Detections, evaluate};
-use effdet::model::{EfficientDetConfig, WeightStore};
+use effdet::model::WeightStore;
 use effdet::postprocess::PostprocessConfig;
 use effdet::train::coco::CocoAnnotations;
 use effdet::train::trainer::{Evaluator, Trainer};
 use effdet::{Detector, DetectorOptions, Error};
 
-/// Detector settings for evaluation: effdet's (all 100 detections above 0.001, hard NMS).
-pub fn eval_options(image_size: usize, threads: usize) -> DetectorOptions {
-    let mut config = EfficientDetConfig::d0();
-    config.image_size = (image_size, image_size);
+/// Detector settings for evaluation: effdet's (all 100 detections above 0.001, hard NMS), at
+/// `input_size` (`None`: the size the model was trained at).
+pub fn eval_options(input_size: Option<usize>, threads: usize) -> DetectorOptions {
     DetectorOptions {
-        config,
+        input_size,
         threads,
         postprocess: PostprocessConfig {
             score_threshold: 0.001,
@@ -76,15 +75,15 @@ pub fn detect_dataset(
     Ok(Detections::new(PathBuf::from("<model detections>"), out)?)
 }
 
-/// Evaluates effdet-named weights on a dataset.
+/// Evaluates effdet-named weights on a dataset, at `input_size` (`None`: as trained).
 pub fn evaluate_weights(
     store: &WeightStore,
     gt: &CocoAnnotations,
     image_dir: &Path,
-    image_size: usize,
+    input_size: Option<usize>,
     threads: usize,
 ) -> anyhow::Result<(CocoStats, Detections)> {
-    let detector = Detector::from_weights(store, eval_options(image_size, threads))?;
+    let detector = Detector::from_weights(store, eval_options(input_size, threads))?;
     let dets = detect_dataset(&detector, gt, image_dir)?;
     let stats = evaluate(gt, &dets)?;
     Ok((stats, dets))
@@ -111,7 +110,7 @@ pub fn evaluator(
     let (size, threads) = (trainer.cfg.input_size, trainer.cfg.threads);
     Ok(Box::new(move |weights: &BTreeMap<String, Tensor>| {
         let store = WeightStore::from_tensors("<EMA weights>", weights);
-        let (stats, _) = evaluate_weights(&store, &gt, &image_dir, size, threads)
+        let (stats, _) = evaluate_weights(&store, &gt, &image_dir, Some(size), threads)
             .map_err(|e| Error::InvalidArgument(format!("validation failed: {e:#}")))?;
         Ok((stats.ap, stats.ap50))
     }))

@@ -89,9 +89,6 @@ struct BenchDataArgs {
 struct BenchTrainArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Square network input size (a multiple of 128).
-    #[arg(long, default_value_t = 512, value_name = "S")]
-    size: usize,
     /// Images per step.
     #[arg(long, default_value_t = 2, value_name = "B")]
     batch: usize,
@@ -147,6 +144,10 @@ struct ModelArgs {
     /// CPU worker threads (0 = one per core).
     #[arg(long, default_value_t = 0, value_name = "N")]
     threads: usize,
+    /// Network input size (a multiple of 128). Default: the size the model was trained at (its
+    /// `effdet.image_size` metadata; 512 for D0 as released).
+    #[arg(long, value_name = "S")]
+    size: Option<usize>,
 }
 
 #[derive(clap::Args)]
@@ -259,6 +260,7 @@ fn options(
         threads: m.threads,
         postprocess: post,
         labels,
+        input_size: m.size,
         ..DetectorOptions::default()
     })
 }
@@ -441,7 +443,8 @@ fn loss(a: LossArgs) -> anyhow::Result<()> {
     }
     effdet::train::keep_freed_memory();
     let store = WeightStore::open(&a.model.weights)?;
-    let config = effdet::detector::config_for_weights(&store, EfficientDetConfig::d0())?;
+    let config =
+        effdet::detector::config_for_weights(&store, EfficientDetConfig::d0(), a.model.size)?;
     let size = config.image_size.0;
     let mut net = TrainNet::from_store(&store, config)?;
     drop(store);
@@ -592,22 +595,23 @@ fn bench_train(a: BenchTrainArgs) -> anyhow::Result<()> {
     use effdet::train::model::{TrainNet, TrainOptions};
     use effdet::train::optim::{Optimizer, Sgd, clip_grad_norm};
 
-    if a.batch == 0 || a.iters == 0 || a.size == 0 || !a.size.is_multiple_of(128) {
+    if a.batch == 0 || a.iters == 0 {
         anyhow::bail!(Error::InvalidArgument(
-            "--batch and --iters must be at least 1, --size a positive multiple of 128".into()
+            "--batch and --iters must be at least 1".into()
         ));
     }
-    let mut config = EfficientDetConfig::d0();
-    config.image_size = (a.size, a.size);
     let store = WeightStore::open(&a.model.weights)?;
+    let config =
+        effdet::detector::config_for_weights(&store, EfficientDetConfig::d0(), a.model.size)?;
+    let size = config.image_size.0;
     let mut net = TrainNet::from_store(&store, config)?;
     drop(store);
     let backend = CpuBackend::new(a.model.threads)?;
     let (w, h, rgb) = synthetic_frame();
     let frame = Frame::packed(PixelFormat::Rgb, w, h, &rgb)?;
-    let (chw, _) = effdet::preprocess::preprocess(&frame, a.size)?;
+    let (chw, _) = effdet::preprocess::preprocess(&frame, size)?;
     let input = Tensor::new(
-        vec![a.batch, 3, a.size, a.size],
+        vec![a.batch, 3, size, size],
         chw.iter()
             .copied()
             .cycle()
@@ -615,7 +619,7 @@ fn bench_train(a: BenchTrainArgs) -> anyhow::Result<()> {
             .collect(),
     )?;
     let labeler = net.labeler()?;
-    let k = a.size as f32 / 512.0;
+    let k = size as f32 / 512.0;
     let boxes: Vec<[f32; 4]> = BENCH_BOXES.iter().map(|(b, _)| b.map(|v| v * k)).collect();
     let classes: Vec<u32> = BENCH_BOXES.iter().map(|(_, c)| *c).collect();
     let targets = vec![labeler.label(&boxes, &classes)?; a.batch];
@@ -646,7 +650,7 @@ fn bench_train(a: BenchTrainArgs) -> anyhow::Result<()> {
     if a.json {
         let o = serde_json::json!({
             "backend": "cpu",
-            "size": a.size,
+            "size": size,
             "batch": a.batch,
             "threads": threads,
             "step_ms_per_image_median": percentile(&times, 0.5),
@@ -660,7 +664,7 @@ fn bench_train(a: BenchTrainArgs) -> anyhow::Result<()> {
     } else {
         println!(
             "training step | {}x{} | batch {} | threads {} | {} timed steps",
-            a.size, a.size, a.batch, threads, a.iters
+            size, size, a.batch, threads, a.iters
         );
         println!(
             "per image: median {:.1} ms, p90 {:.1} ms; peak tape memory {:.0} MiB, peak RSS {}",

@@ -148,6 +148,39 @@ fn training_writes_its_artefacts_and_resumes_exactly() {
     }
     let store = effdet::model::WeightStore::open(full.join("model.safetensors")).unwrap();
     assert_eq!(store.metadata()["effdet.image_size"], "128");
+    // Tools run a model at its trained size unless told another one, 512 included.
+    let d0 = effdet::model::EfficientDetConfig::d0;
+    let size = |s| effdet::detector::config_for_weights(&store, d0(), s).map(|c| c.image_size);
+    assert_eq!(size(None).unwrap(), (128, 128));
+    assert_eq!(size(Some(512)).unwrap(), (512, 512));
+    let err = size(Some(100)).unwrap_err().to_string();
+    assert!(
+        err.contains("input size 100 is not a positive multiple of 128"),
+        "{err}"
+    );
+    let detect = |size: &str| {
+        Command::new(env!("CARGO_BIN_EXE_effdet"))
+            .arg("detect")
+            .arg("--weights")
+            .arg(full.join("model.safetensors"))
+            .arg("--image")
+            .arg(imgs.join("img0.png"))
+            .args(["--json", "--score-threshold", "0", "--size", size])
+            .output()
+            .unwrap()
+    };
+    let o = detect("256");
+    ok(&o);
+    let at_256: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(at_256.as_array().unwrap().len(), 100);
+    assert_ne!(
+        at_256.as_array().unwrap(),
+        dets,
+        "--size 256 must change the network's input"
+    );
+    let o = detect("100");
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("multiple of 128"));
 
     // Incompatible checkpoints are refused, naming the mismatch.
     let other = dataset(dir.path(), Some(1));
