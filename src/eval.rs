@@ -131,11 +131,7 @@ impl Detections {
     /// Reads a COCO results file (a JSON array of `{image_id, category_id, bbox, score}`).
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Annotations {
-            path: path.to_path_buf(),
-            reason: format!("cannot read: {e}"),
-        })?;
-        Self::from_json(path, &text)
+        Self::from_json(path, &crate::train::coco::read_json_text(path)?)
     }
 
     /// Parses a COCO results JSON string (`path` is used in messages).

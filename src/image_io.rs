@@ -52,19 +52,22 @@ pub fn load_image(path: impl AsRef<Path>) -> Result<DecodedImage> {
 /// A stable, well-separated colour per class id (golden-angle hue steps).
 pub fn class_colour(class_id: u32) -> [u8; 3] {
     let h = (class_id as f32 * 0.618_034).fract();
-    let (s, v) = (0.85f32, 0.95f32);
+    hsv_to_rgb(f64::from(h), 0.85, 0.95).map(|c| (c * 255.0) as u8)
+}
+
+/// HSV (each in 0..=1) to RGB (each in 0..=1).
+pub(crate) fn hsv_to_rgb(h: f64, s: f64, v: f64) -> [f64; 3] {
     let i = (h * 6.0).floor();
     let f = h * 6.0 - i;
     let (p, q, t) = (v * (1.0 - s), v * (1.0 - f * s), v * (1.0 - (1.0 - f) * s));
-    let (r, g, b) = match i as u32 % 6 {
-        0 => (v, t, p),
-        1 => (q, v, p),
-        2 => (p, v, t),
-        3 => (p, q, v),
-        4 => (t, p, v),
-        _ => (v, p, q),
-    };
-    [(r * 255.0) as u8, (g * 255.0) as u8, (b * 255.0) as u8]
+    match i as u32 % 6 {
+        0 => [v, t, p],
+        1 => [q, v, p],
+        2 => [p, v, t],
+        3 => [p, q, v],
+        4 => [t, p, v],
+        _ => [v, p, q],
+    }
 }
 
 /// Draws each detection's box (in its class colour, `thickness` pixels) onto an RGB image.

@@ -255,18 +255,7 @@ pub(crate) fn random_colour(rng: &mut Rng, sat: (f64, f64), val: (f64, f64)) -> 
     let h = rng.f64();
     let s = rng.range_f64(sat.0, sat.1);
     let v = rng.range_f64(val.0, val.1);
-    let i = (h * 6.0).floor();
-    let f = h * 6.0 - i;
-    let (p, q, t) = (v * (1.0 - s), v * (1.0 - f * s), v * (1.0 - (1.0 - f) * s));
-    let (r, g, b) = match i as u32 % 6 {
-        0 => (v, t, p),
-        1 => (q, v, p),
-        2 => (p, v, t),
-        3 => (p, q, v),
-        4 => (t, p, v),
-        _ => (v, p, q),
-    };
-    [(r * 255.0) as f32, (g * 255.0) as f32, (b * 255.0) as f32]
+    crate::image_io::hsv_to_rgb(h, s, v).map(|c| (c * 255.0) as f32)
 }
 
 fn random_dir(rng: &mut Rng) -> [f32; 2] {

@@ -75,6 +75,15 @@ pub struct Targets {
     pub classes: Vec<u32>,
 }
 
+/// The text of a COCO JSON file (annotations or results); an unreadable file is an
+/// [`Error::Annotations`] naming it.
+pub(crate) fn read_json_text(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| Error::Annotations {
+        path: path.to_path_buf(),
+        reason: format!("cannot read: {e}"),
+    })
+}
+
 /// An annotations file with an index from file name to image.
 #[derive(Clone, Debug)]
 pub struct CocoAnnotations {
@@ -90,11 +99,7 @@ impl CocoAnnotations {
     /// boxes that are not finite or have negative sizes.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Annotations {
-            path: path.to_path_buf(),
-            reason: format!("cannot read: {e}"),
-        })?;
-        Self::from_json(path, &text)
+        Self::from_json(path, &read_json_text(path)?)
     }
 
     /// Parses annotations from a JSON string (`path` is used in messages).
