@@ -402,6 +402,13 @@ fn bad_input_is_an_error_on_the_bus() {
         &format!("{src} ! effdet model={} backend=cuda ! fakesink", weights()),
         "cuda",
     );
+    assert_bus_error(
+        &format!(
+            "{src} ! effdet model={} input-size=100 ! fakesink",
+            weights()
+        ),
+        "input size 100 is not a positive multiple of 128",
+    );
 }
 
 #[test]
@@ -648,4 +655,43 @@ fn default_model_is_the_bundled_shapes_detector() {
         3 * matched >= 2 * total,
         "only {matched} of {total} objects found in 4 frames"
     );
+}
+
+/// `input-size` runs the model at another network size (0, the default, is the size in its
+/// metadata): the bundled model's detections on a frame differ at 256 and 384, and the default
+/// gives those of the size in the file.
+#[test]
+fn input_size_property_changes_the_network_size() {
+    init();
+    let mut model = None;
+    let mut detect = |size: u32| {
+        let el = gst::ElementFactory::make("effdet")
+            .property("score-threshold", 0.1f64)
+            .property("input-size", size)
+            .build()
+            .expect("effdet element");
+        assert_eq!(el.property::<u32>("input-size"), size);
+        model = el.property::<Option<String>>("model");
+        let mut hs = Harness::with_element(&el, Some("sink"), Some("src"));
+        hs.set_src_caps_str("video/x-raw,format=RGB,width=320,height=320,framerate=30/1");
+        let img = effdet::synth::render_dataset_image(12345, effdet::synth::Split::Val, 1, 320);
+        let l = Layout {
+            data: img.rgb,
+            strides: vec![320 * 3],
+            offsets: vec![0],
+        };
+        hs.push(buffer(&l, PixelFormat::Rgb, 320, 320, 0))
+            .expect("push");
+        format!("{:?}", meta::read(&hs.pull().expect("pull")))
+    };
+    let (at_256, at_384, native) = (detect(256), detect(384), detect(0));
+    assert_ne!(at_256, at_384);
+    let store = effdet::model::WeightStore::open(model.expect("a default model")).unwrap();
+    let trained = &store.metadata()["effdet.image_size"];
+    let expected = match trained.as_str() {
+        "256" => at_256,
+        "384" => at_384,
+        other => panic!("this test knows models trained at 256 or 384, not {other}"),
+    };
+    assert_eq!(native, expected, "the default must be the trained size");
 }

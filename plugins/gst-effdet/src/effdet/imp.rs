@@ -58,6 +58,7 @@ const DEFAULT_MAX_DETECTIONS: u32 = 100;
 const DEFAULT_INTERVAL: u32 = 1;
 const DEFAULT_POST_MESSAGES: bool = false;
 const DEFAULT_THREADS: u32 = 0;
+const DEFAULT_INPUT_SIZE: u32 = 0;
 
 #[derive(Debug, Clone)]
 struct Settings {
@@ -73,6 +74,8 @@ struct Settings {
     classes: Vec<u32>,
     post_messages: bool,
     threads: u32,
+    /// Network input size; 0 = the size the model was trained at.
+    input_size: u32,
 }
 
 impl Default for Settings {
@@ -89,6 +92,7 @@ impl Default for Settings {
             classes: Vec::new(),
             post_messages: DEFAULT_POST_MESSAGES,
             threads: DEFAULT_THREADS,
+            input_size: DEFAULT_INPUT_SIZE,
         }
     }
 }
@@ -318,6 +322,13 @@ impl ObjectImpl for Effdet {
                     .default_value(DEFAULT_THREADS)
                     .mutable_ready()
                     .build(),
+                glib::ParamSpecUInt::builder("input-size")
+                    .nick("Input size")
+                    .blurb("Square network input size, a multiple of 128 (0 = the size the model was trained at, from its metadata). Larger finds smaller objects, for more compute")
+                    .maximum(4096)
+                    .default_value(DEFAULT_INPUT_SIZE)
+                    .mutable_ready()
+                    .build(),
             ]
         });
         PROPERTIES.as_ref()
@@ -361,6 +372,7 @@ impl ObjectImpl for Effdet {
             }
             "post-messages" => s.post_messages = value.get().unwrap_or(DEFAULT_POST_MESSAGES),
             "threads" => s.threads = value.get().unwrap_or(DEFAULT_THREADS),
+            "input-size" => s.input_size = value.get().unwrap_or(DEFAULT_INPUT_SIZE),
             other => gst::warning!(CAT, imp = self, "Unknown property {other}"),
         }
         gst::debug!(CAT, imp = self, "Set {} = {:?}", pspec.name(), value);
@@ -387,6 +399,7 @@ impl ObjectImpl for Effdet {
                 .to_value(),
             "post-messages" => s.post_messages.to_value(),
             "threads" => s.threads.to_value(),
+            "input-size" => s.input_size.to_value(),
             _ => glib::Value::from_type(pspec.value_type()),
         }
     }
@@ -476,6 +489,7 @@ impl BaseTransformImpl for Effdet {
             labels: s.labels.clone(),
             postprocess: s.postprocess(),
             device: s.device_id as usize,
+            input_size: (s.input_size > 0).then_some(s.input_size as usize),
             ..DetectorOptions::default()
         };
         let t = Instant::now();
@@ -483,6 +497,9 @@ impl BaseTransformImpl for Effdet {
             effdet::Error::Labels { .. } => gst::error_msg!(gst::ResourceError::OpenRead, ["{e}"]),
             effdet::Error::BackendUnavailable { .. } => {
                 gst::error_msg!(gst::LibraryError::Init, ["{e}"])
+            }
+            effdet::Error::InvalidArgument(_) => {
+                gst::error_msg!(gst::LibraryError::Settings, ["{e}"])
             }
             _ => gst::error_msg!(
                 gst::ResourceError::OpenRead,
