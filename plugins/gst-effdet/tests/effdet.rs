@@ -588,14 +588,15 @@ fn soak_memory_child() {
 }
 
 /// Without a `model` property the element loads the model bundled in `models/` (trained here on
-/// the synthetic shapes; 6 classes, 256x256 input, both from the file's metadata) and finds the
+/// the synthetic shapes; 6 classes, 384x384 input, both from the file's metadata) and finds the
 /// shapes of four held-out synthetic frames, named by the model's own labels: a ground-truth
 /// object counts as found when a detection of its class (score 0.1 and up) overlaps it with IoU
-/// of at least 0.5. Every frame must have at least half of its objects found and the four
-/// together at least two thirds (the bundled model finds 7/8, 7/12, 8/10 and 10/12 of them,
-/// 32 of 42; its held-out AP is 0.56, see models/README.md). Frame 0 is one on which the
-/// stage 2 model fired everywhere (a batch-norm defect, fixed by training with frozen BN); a
-/// 90-class post-processing config, as before an earlier fix, failed every frame.
+/// of at least 0.5. Every frame must have at least two thirds of its objects found and the four
+/// together at least five sixths (the bundled model finds 8/8, 10/12, 9/10 and 10/12 of them,
+/// 37 of 42; its held-out AP is 0.71, see models/README.md; the stage 4 model, AP 0.56 at 256,
+/// found 32). Frame 0 is one on which the stage 2 model fired everywhere (a batch-norm defect,
+/// fixed by training with frozen BN); a 90-class post-processing config, as before an earlier
+/// fix, failed every frame.
 #[test]
 fn default_model_is_the_bundled_shapes_detector() {
     init();
@@ -643,8 +644,9 @@ fn default_model_is_the_bundled_shapes_detector() {
                     .any(|d| d.class_id == o.class_id() && iou(d, o.bbox) >= 0.5)
             })
             .count();
+        eprintln!("frame {i}: {found} of {} objects found", img.objects.len());
         assert!(
-            2 * found >= img.objects.len(),
+            3 * found >= 2 * img.objects.len(),
             "frame {i}: only {found} of {} objects found",
             img.objects.len()
         );
@@ -652,7 +654,7 @@ fn default_model_is_the_bundled_shapes_detector() {
         total += img.objects.len();
     }
     assert!(
-        3 * matched >= 2 * total,
+        6 * matched >= 5 * total,
         "only {matched} of {total} objects found in 4 frames"
     );
 }

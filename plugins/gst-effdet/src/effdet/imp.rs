@@ -31,7 +31,7 @@ static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
 const DEFAULT_BACKEND: Backend = Backend::Auto;
 
 /// The model this repository trained and ships (EfficientDet-D0 on the synthetic shapes
-/// dataset, 256x256 input; see models/README.md), as a path fixed when the plugin is built.
+/// dataset, 384x384 input; see models/README.md), as a path fixed when the plugin is built.
 const BUNDLED_MODEL: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../../models/effdet-d0-shapes256.safetensors"
