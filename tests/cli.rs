@@ -196,6 +196,49 @@ fn bench_json_has_the_documented_fields() {
     }
 }
 
+/// `effdet bench-train` on a model of another shape (the bundled 6-class shapes model) takes its
+/// class count and trained input size from the weights; `--size` overrides the size.
+#[test]
+fn bench_train_takes_the_models_shape_from_the_weights() {
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "bench-train",
+            "--weights",
+            "models/effdet-d0-shapes256.safetensors",
+            "--batch",
+            "1",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+            "--threads",
+            "2",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let o = effdet(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v
+    };
+    let trained = effdet::model::WeightStore::open(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("models/effdet-d0-shapes256.safetensors"),
+    )
+    .unwrap()
+    .metadata()["effdet.image_size"]
+        .parse::<u64>()
+        .unwrap();
+    assert_eq!(run(&[])["size"], trained);
+    let v = run(&["--size", "128"]);
+    assert_eq!(v["size"], 128);
+    assert!(v["step_ms_per_image_median"].as_f64().unwrap() > 0.0);
+    assert_fails(
+        &effdet(&["bench-train", "--weights", WEIGHTS, "--size", "200"]),
+        2,
+        "multiple of 128",
+    );
+}
+
 #[test]
 fn help_documents_every_option() {
     let o = effdet(&["detect", "--help"]);
