@@ -136,27 +136,30 @@ pub fn config_for_weights(
     input_size: Option<usize>,
 ) -> Result<EfficientDetConfig> {
     let mut config = base;
-    let size = match (input_size, store.metadata().get(META_IMAGE_SIZE)) {
-        (Some(s), _) => Some(s),
-        (None, Some(v)) => Some(v.parse().map_err(|_| Error::WeightsFormat {
-            path: store.path().to_path_buf(),
-            reason: format!("metadata {META_IMAGE_SIZE} = {v:?} is not a size"),
-        })?),
-        (None, None) => None,
-    };
-    if let Some(s) = size {
-        if s == 0 || !s.is_multiple_of(128) {
-            return Err(match input_size {
-                Some(_) => Error::InvalidArgument(format!(
-                    "input size {s} is not a positive multiple of 128"
-                )),
-                None => Error::WeightsFormat {
-                    path: store.path().to_path_buf(),
-                    reason: format!("metadata {META_IMAGE_SIZE} = {s} is not a multiple of 128"),
-                },
-            });
+    let invalid = |s: usize| s == 0 || !s.is_multiple_of(128);
+    match (input_size, store.metadata().get(META_IMAGE_SIZE)) {
+        (Some(s), _) if invalid(s) => {
+            return Err(Error::InvalidArgument(format!(
+                "input size {s} is not a positive multiple of 128"
+            )));
         }
-        config.image_size = (s, s);
+        (Some(s), _) => config.image_size = (s, s),
+        (None, Some(v)) => {
+            let bad = |reason| Error::WeightsFormat {
+                path: store.path().to_path_buf(),
+                reason,
+            };
+            let s: usize = v
+                .parse()
+                .map_err(|_| bad(format!("metadata {META_IMAGE_SIZE} = {v:?} is not a size")))?;
+            if invalid(s) {
+                return Err(bad(format!(
+                    "metadata {META_IMAGE_SIZE} = {s} is not a multiple of 128"
+                )));
+            }
+            config.image_size = (s, s);
+        }
+        (None, None) => {}
     }
     let a = config.anchors_per_location();
     if let Some((_, shape)) = store
