@@ -362,6 +362,18 @@ impl Detector {
         }
     }
 
+    /// What the engine chose and holds, for benchmark records and logs: for the CUDA engine
+    /// the GPU, whether cuBLAS was found and the policy, how many pointwise shapes chose cuBLAS
+    /// and how many the direct kernel, and the memory pool's bytes in use and reserved (now and
+    /// at most); `None` for the CPU engine.
+    pub fn engine_report(&self) -> Result<Option<serde_json::Value>> {
+        match &self.engine {
+            Engine::Cpu { .. } => Ok(None),
+            #[cfg(feature = "cuda")]
+            Engine::Cuda(e) => e.report().map(Some),
+        }
+    }
+
     /// Turns raw outputs into labelled detections in original-image pixels, one list per image.
     pub fn postprocess(
         &self,
@@ -541,12 +553,35 @@ mod cuda_engine {
             let x = self.backend.upload(input)?;
             let gpu = self.backend.gpu();
             gpu.synchronize()?;
+            if std::env::var("EFFDET_CUDA_PROFILE").is_ok_and(|v| v == "1") {
+                // One tuned forward pass (the first one tunes and loads), then exactly one
+                // pass inside the profiler range: what `ncu --profile-from-start off` sees.
+                drop(self.model.forward(&self.backend, &x)?);
+                gpu.profiled(|| self.model.forward(&self.backend, &x).map(drop))?;
+            }
             super::timed_passes(warmup, iters, || {
                 let outs = self.model.forward(&self.backend, &x)?;
                 gpu.synchronize()?;
                 drop(outs);
                 Ok(())
             })
+        }
+
+        pub(super) fn report(&self) -> Result<serde_json::Value> {
+            let gpu = self.backend.gpu();
+            let paths = self.backend.conv_paths();
+            let (used, reserved, reserved_high) = gpu.pool_memory()?;
+            Ok(serde_json::json!({
+                "gpu": gpu.info().name,
+                "arch": format!("sm_{}", gpu.info().arch()),
+                "cublas": paths.cublas,
+                "conv_policy": format!("{:?}", paths.policy).to_lowercase(),
+                "pointwise_shapes_gemm": paths.gemm_shapes,
+                "pointwise_shapes_direct": paths.direct_shapes,
+                "pool_used_bytes": used,
+                "pool_reserved_bytes": reserved,
+                "pool_reserved_high_bytes": reserved_high,
+            }))
         }
 
         pub(super) fn memory_in_use(&self) -> Result<usize> {

@@ -399,6 +399,7 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
         }
         let e2e = per_image(e2e);
         let memory = detector.device_memory_in_use()?;
+        let engine = detector.engine_report()?;
         let (n50, n90) = (percentile(&network, 0.5), percentile(&network, 0.9));
         let (e50, e90) = (percentile(&e2e, 0.5), percentile(&e2e, 0.9));
         if a.json {
@@ -413,6 +414,7 @@ fn bench(a: BenchArgs) -> anyhow::Result<()> {
                 "end_to_end_ms_p90": e90,
                 "end_to_end_images_per_s": 1000.0 / e50,
                 "device_memory_bytes": memory,
+                "engine": engine,
             });
             println!("{o}");
         } else {

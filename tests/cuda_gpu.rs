@@ -1,6 +1,8 @@
 //! The GPU kernels on a real GPU against the CPU reference, on the same cases as the host
 //! emulation (`kernel_cases`). Without a usable GPU each test prints why and passes, unless
-//! `EFFDET_REQUIRE_GPU=1` (the GPU lane, `scripts/gpu/run.sh`) makes that a failure.
+//! `EFFDET_REQUIRE_GPU=1` (the GPU lane, `scripts/gpu/run.sh`) makes that a failure; then
+//! nothing skips: a missing cuBLAS fails the GEMM test too, and every test prints which path
+//! it ran.
 //!
 //! Tolerances: pre-processing must be bit-identical (integer arithmetic and a shared table).
 //! Post-processing selects, orders and suppresses exactly as the CPU; only `expf` differs (the
@@ -19,12 +21,18 @@ use effdet::frame::Frame;
 use effdet::rng::Rng;
 use kernel_cases::*;
 
+fn required() -> bool {
+    std::env::var("EFFDET_REQUIRE_GPU").is_ok_and(|v| v == "1")
+}
+
 fn gpu_or_skip(test: &str) -> Option<Arc<GpuContext>> {
     match GpuContext::new(0) {
-        Ok(g) => Some(Arc::new(g)),
+        Ok(g) => {
+            eprintln!("{test}: on {:?}", g.info());
+            Some(Arc::new(g))
+        }
         Err(e) => {
-            let required = std::env::var("EFFDET_REQUIRE_GPU").is_ok_and(|v| v == "1");
-            assert!(!required, "{test}: EFFDET_REQUIRE_GPU=1 but: {e}");
+            assert!(!required(), "{test}: EFFDET_REQUIRE_GPU=1 but: {e}");
             eprintln!("{test}: skipped, no GPU: {e}");
             None
         }
@@ -218,11 +226,164 @@ fn fp16_network_matches_the_cpu_on_the_golden_images() {
             );
         }
     }
-    // A batch gives each image the detections it gets alone.
-    for (i, f) in frames.iter().enumerate() {
-        let one = gpu.detect(f).unwrap();
-        assert_eq!(one.len(), gpu_dets[i].len(), "image {i}: batch vs alone");
+    // Batch against alone: bit-exact on the direct path in
+    // `the_network_gives_each_image_the_same_bits_in_a_batch_of_3_or_128_as_alone`, and as
+    // detections of a trained model in `detect_batch_of_128_matches_batch_1_on_the_same_frames`
+    // (these seeded golden weights score a hundred overlapping boxes near 0.99, where FP16
+    // near-ties reorder NMS).
+}
+
+/// Two detection lists (each at score threshold 0, so up to 100 long) agree: every detection
+/// of either with score >= 0.3 (the element's default threshold) has a partner in the other
+/// with the same class, IoU >= 0.98 and a score within 0.01. The tolerance is FP16's: a batch
+/// may pick other GEMM kernels than a single image, whose FP32 sums round differently before
+/// each activation is stored in FP16.
+fn assert_same_detections(what: &str, a: &[effdet::Detection], b: &[effdet::Detection]) {
+    let partner = |d: &effdet::Detection, other: &[effdet::Detection]| {
+        other.iter().any(|e| {
+            e.class_id == d.class_id && iou(e, d) >= 0.98 && (e.score - d.score).abs() <= 0.01
+        })
+    };
+    let mut checked = 0;
+    for (x, y) in [(a, b), (b, a)] {
+        for d in x.iter().filter(|d| d.score >= 0.3) {
+            assert!(partner(d, y), "{what}: {d:?} has no partner in {y:?}");
+            checked += 1;
+        }
     }
+    assert!(checked > 0, "{what}: no detection above 0.3 to compare");
+}
+
+/// The golden weights on a CUDA backend with `policy`, as the model code runs them.
+fn golden_model(
+    gpu: Arc<GpuContext>,
+    policy: effdet::compute::cuda::gemm::ConvPolicy,
+) -> (
+    effdet::compute::cuda::backend::CudaBackend,
+    effdet::model::EfficientDet<effdet::compute::cuda::backend::CudaBackend>,
+) {
+    use effdet::compute::cuda::backend::CudaBackend;
+    use effdet::model::{EfficientDet, EfficientDetConfig, WeightStore};
+    let mut cuda = CudaBackend::new(gpu).unwrap();
+    cuda.set_conv_policy(policy).unwrap();
+    let store = WeightStore::open(golden_dir().join("weights_f16.safetensors")).unwrap();
+    let model = EfficientDet::load(&cuda, &store, EfficientDetConfig::d0()).unwrap();
+    (cuda, model)
+}
+
+/// The three golden images, pre-processed for D0 at 512 by the CPU (the same input for every
+/// GPU run below), `[3, 3, 512, 512]`.
+fn golden_input() -> effdet::compute::Tensor {
+    use effdet::{BackendKind, Detector, DetectorOptions};
+    let dir = golden_dir();
+    let cpu = Detector::new(
+        dir.join("weights_f16.safetensors"),
+        DetectorOptions {
+            backend: BackendKind::Cpu,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let images: Vec<_> = (0..3)
+        .map(|i| effdet::image_io::load_image(dir.join(format!("img{i}.png"))).unwrap())
+        .collect();
+    let frames: Vec<Frame> = images.iter().map(|im| im.frame().unwrap()).collect();
+    cpu.preprocess(&frames).unwrap().0
+}
+
+/// Images `order[j]` of `input` stacked into one batch.
+fn stack(input: &effdet::compute::Tensor, order: &[usize]) -> effdet::compute::Tensor {
+    let plane = input.data().len() / input.shape()[0];
+    let mut data = Vec::with_capacity(order.len() * plane);
+    for &i in order {
+        data.extend_from_slice(&input.data()[i * plane..(i + 1) * plane]);
+    }
+    let mut shape = input.shape().to_vec();
+    shape[0] = order.len();
+    effdet::compute::Tensor::new(shape, data).unwrap()
+}
+
+/// On the direct-kernel path every kernel computes each output element from its own image in
+/// a fixed order, so the batch size cannot change a single bit: a batch of 3 and a batch of
+/// 128 (the three images cycled) give every image exactly the raw outputs it gets alone.
+#[test]
+fn the_network_gives_each_image_the_same_bits_in_a_batch_of_3_or_128_as_alone() {
+    use effdet::compute::Backend;
+    use effdet::compute::cuda::gemm::ConvPolicy;
+    let Some(gpu) = gpu_or_skip("the_network_gives_each_image_the_same_bits_in_a_batch") else {
+        return;
+    };
+    let (cuda, model) = golden_model(gpu, ConvPolicy::Direct);
+    let input = golden_input();
+    let run = |order: &[usize]| {
+        let x = cuda.upload(&stack(&input, order)).unwrap();
+        let outs = model.forward(&cuda, &x).unwrap();
+        outs.iter()
+            .map(|o| {
+                (
+                    cuda.download(&o.class).unwrap(),
+                    cuda.download(&o.boxes).unwrap(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let alone: Vec<_> = (0..3).map(|i| run(&[i])).collect();
+    for n in [3usize, 128] {
+        let order: Vec<usize> = (0..n).map(|j| j % 3).collect();
+        let batch = run(&order);
+        for (j, &img) in order.iter().enumerate() {
+            for (l, ((bc, bb), (ac, ab))) in batch.iter().zip(&alone[img]).enumerate() {
+                let (pc, pb) = (ac.data().len(), ab.data().len());
+                assert!(
+                    bc.data()[j * pc..(j + 1) * pc] == *ac.data()
+                        && bb.data()[j * pb..(j + 1) * pb] == *ab.data(),
+                    "batch {n}, position {j} (image {img}), level {l}: differs from alone"
+                );
+            }
+        }
+        eprintln!("batch {n}: every image bit-identical to its batch-1 run");
+    }
+}
+
+/// The engine as users run it (the per-shape choice of cuBLAS or the direct kernel, GPU
+/// pre- and post-processing), with the bundled trained model on three held-out shapes images:
+/// 128 frames in one `detect_batch` give each frame the detections it gets alone.
+#[test]
+fn detect_batch_of_128_matches_batch_1_on_the_same_frames() {
+    use effdet::frame::PixelFormat;
+    use effdet::synth::{Split, render_dataset_image};
+    use effdet::{BackendKind, Detector, DetectorOptions};
+    if gpu_or_skip("detect_batch_of_128_matches_batch_1_on_the_same_frames").is_none() {
+        return;
+    }
+    let images: Vec<_> = (0..3)
+        .map(|i| render_dataset_image(1, Split::Val, i, 256))
+        .collect();
+    let frames: Vec<Frame> = images
+        .iter()
+        .map(|im| Frame::packed(PixelFormat::Rgb, im.width, im.height, &im.rgb).unwrap())
+        .collect();
+    let root = golden_dir().join("../../..");
+    let gpu = Detector::new(
+        root.join("models/effdet-d0-shapes256.safetensors"),
+        DetectorOptions {
+            backend: BackendKind::Cuda,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let alone: Vec<_> = frames.iter().map(|f| gpu.detect(f).unwrap()).collect();
+    let batch: Vec<Frame> = (0..128).map(|j| frames[j % 3].clone()).collect();
+    let got = gpu.detect_batch(&batch).unwrap();
+    assert_eq!(got.len(), 128);
+    for (j, dets) in got.iter().enumerate() {
+        assert_same_detections(
+            &format!("batch 128, position {j} (image {})", j % 3),
+            dets,
+            &alone[j % 3],
+        );
+    }
+    eprintln!("engine: {}", gpu.engine_report().unwrap().unwrap());
 }
 
 /// Pointwise convolutions through cuBLAS (`ConvPolicy::Gemm`), the direct kernel and the
@@ -260,6 +421,12 @@ fn pointwise_convolutions_match_the_cpu_on_every_path() {
     for policy in [ConvPolicy::Direct, ConvPolicy::Gemm, ConvPolicy::Auto] {
         cuda.set_conv_policy(policy).unwrap();
         if policy != ConvPolicy::Direct && !cuda.has_gemm() {
+            // The GPU lane has cuBLAS (pip's nvidia-cublas): its absence there is a failure.
+            assert!(
+                !required(),
+                "EFFDET_REQUIRE_GPU=1 but cuBLAS (libcublas.so.13) is not loadable: {policy:?} \
+                 cannot be checked"
+            );
             eprintln!("no cuBLAS here: {policy:?} not checked");
             continue;
         }
@@ -301,5 +468,15 @@ fn pointwise_convolutions_match_the_cpu_on_every_path() {
                 );
             }
         }
+        eprintln!("{policy:?}: {:?}", cuda.conv_paths());
+    }
+    // Auto timed both paths on each of the four shapes and recorded a choice for each.
+    let paths = cuda.conv_paths();
+    if paths.cublas {
+        assert_eq!(
+            paths.gemm_shapes + paths.direct_shapes,
+            cases.len(),
+            "{paths:?}"
+        );
     }
 }

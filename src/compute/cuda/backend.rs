@@ -76,6 +76,15 @@ struct Kernels {
     weighted_sum: CudaFunction,
 }
 
+/// What [`CudaBackend::conv_paths`] reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvPaths {
+    pub cublas: bool,
+    pub policy: ConvPolicy,
+    pub gemm_shapes: usize,
+    pub direct_shapes: usize,
+}
+
 /// The CUDA engine's [`Backend`].
 pub struct CudaBackend {
     gpu: Arc<GpuContext>,
@@ -149,6 +158,18 @@ impl CudaBackend {
     /// Whether pointwise convolutions can use cuBLAS here.
     pub fn has_gemm(&self) -> bool {
         self.gemm.is_some()
+    }
+
+    /// Which convolution paths ran: whether cuBLAS is there, the policy, and how many
+    /// pointwise shapes (batch size included) chose cuBLAS and how many the direct kernel.
+    pub fn conv_paths(&self) -> ConvPaths {
+        let (gemm_shapes, direct_shapes) = self.gemm.as_ref().map_or((0, 0), |g| g.counts());
+        ConvPaths {
+            cublas: self.gemm.is_some(),
+            policy: self.policy,
+            gemm_shapes,
+            direct_shapes,
+        }
     }
 
     /// The direct kernel for `p` into `y` (bias, activation and residual fused).
@@ -276,9 +297,7 @@ impl Backend for CudaBackend {
     fn download(&self, t: &GpuTensor) -> Result<Tensor> {
         let bits = self
             .gpu
-            .stream()
-            .clone_dtoh(&t.data.slice(..t.len()))
-            .map_err(|e| driver_error("cuMemcpyDtoH (download)", e))?;
+            .read(&format!("a {:?} tensor", t.shape), &t.data.slice(..t.len()))?;
         Tensor::new(
             t.shape.clone(),
             bits.into_iter()

@@ -3,15 +3,23 @@
 //!
 //! cudarc panics when a CUDA library is missing at first use, so every entry point here first
 //! checks `is_culib_present` for the libraries it needs and reports their absence as
-//! [`Error::BackendUnavailable`] with what to install.
+//! [`Error::BackendUnavailable`] with what to install. A CUDA toolkit's *stub* `libcuda.so`
+//! found before the driver's real one is named as such, with the path of each.
+//!
+//! Host overhead: a detector orders all its work on its one stream, so cudarc's per-buffer
+//! event tracking (two events per allocation, recorded and waited on at every use, for
+//! cross-stream safety) is switched off; and the device's memory pool keeps freed memory
+//! (release threshold at its maximum), so the per-layer allocations of a forward pass are
+//! served from the pool after the first pass instead of going back to the driver at every
+//! synchronisation.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Once};
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError, sys};
 use cudarc::nvrtc::Ptx;
 
-use super::kernels::{self, KernelSource};
+use super::kernels::{self, KernelSource, ModuleForm, ModuleImage};
 use crate::error::{Error, Result};
 
 /// What the probe found about one GPU.
@@ -88,14 +96,68 @@ pub fn probe() -> Result<Vec<GpuInfo>> {
             super::CUDA_MAJOR
         )));
     }
-    let count = CudaContext::device_count().map_err(|e| match driver_error("cuInit", e) {
-        Error::Gpu { reason, .. } => unavailable(format!("the CUDA driver cannot start: {reason}")),
-        other => other,
+    let count = CudaContext::device_count().map_err(|e| {
+        if e.0 == sys::CUresult::CUDA_ERROR_STUB_LIBRARY {
+            return unavailable(stub_message());
+        }
+        match driver_error("cuInit", e) {
+            Error::Gpu { reason, .. } => {
+                unavailable(format!("the CUDA driver cannot start: {reason}"))
+            }
+            other => other,
+        }
     })?;
     if count <= 0 {
         return Err(unavailable("the CUDA driver reports no GPU"));
     }
     (0..count as usize).map(info).collect()
+}
+
+/// The shared objects named `libcuda*` mapped into this process (from `/proc/self/maps`).
+fn loaded_libcuda() -> Vec<String> {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    let mut paths: Vec<String> = maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .filter(|p| {
+            std::path::Path::new(p)
+                .file_name()
+                .is_some_and(|f| f.to_string_lossy().starts_with("libcuda."))
+        })
+        .map(str::to_string)
+        .collect();
+    paths.dedup();
+    paths
+}
+
+/// The explanation for `CUDA_ERROR_STUB_LIBRARY`: which file was loaded and what to change.
+fn stub_message() -> String {
+    let loaded = loaded_libcuda();
+    format!(
+        "the libcuda loaded ({}) is the CUDA toolkit's stub, which only satisfies the linker; \
+         the NVIDIA driver's libcuda.so.1 must come first: remove the toolkit's `stubs` folder \
+         from LD_LIBRARY_PATH (or put the driver's folder, e.g. /usr/lib/x86_64-linux-gnu or \
+         /usr/local/nvidia/lib64, before it)",
+        if loaded.is_empty() {
+            "path unknown".to_string()
+        } else {
+            loaded.join(", ")
+        }
+    )
+}
+
+/// The CUDA version the driver supports, e.g. (13, 0).
+pub fn driver_version() -> Result<(i32, i32)> {
+    if !missing_libraries().is_empty() {
+        return Err(unavailable("the CUDA driver library is not loadable"));
+    }
+    let mut v = 0;
+    // SAFETY: the library is present (checked above); `v` is valid. cuDriverGetVersion needs
+    // no cuInit.
+    unsafe { sys::cuDriverGetVersion(&mut v) }
+        .result()
+        .map_err(|e| driver_error("cuDriverGetVersion", e))?;
+    Ok((v / 1000, (v % 1000) / 10))
 }
 
 fn info(ordinal: usize) -> Result<GpuInfo> {
@@ -146,9 +208,14 @@ impl GpuContext {
             )));
         };
         let ctx = CudaContext::new(ordinal).map_err(|e| driver_error("cuCtxCreate", e))?;
+        // SAFETY: every buffer of this GpuContext is allocated, used and freed on `stream`
+        // alone, so stream order already synchronises every use; nothing crosses streams.
+        unsafe { ctx.disable_event_tracking() };
+        keep_freed_memory(&ctx)?;
         let stream = ctx
             .new_stream()
             .map_err(|e| driver_error("cuStreamCreate", e))?;
+        log_setup_once(&info);
         Ok(GpuContext {
             ctx,
             stream,
@@ -177,21 +244,95 @@ impl GpuContext {
             match modules.get(src.name) {
                 Some(m) => m.clone(),
                 None => {
-                    let ptx = kernels::ptx(src, self.info.arch())?;
-                    let m = self
-                        .ctx
-                        .load_module(Ptx::from_src(ptx.as_str()))
-                        .map_err(|e| {
-                            driver_error(&format!("cuModuleLoadData ({})", src.name), e)
-                        })?;
+                    let image = kernels::module_for_device(src, self.info.arch())?;
+                    let m = self.load(src, &image)?;
                     modules.insert(src.name, m.clone());
                     m
                 }
             }
         };
-        module
+        let f = module
             .load_function(name)
-            .map_err(|e| driver_error(&format!("cuModuleGetFunction ({name})"), e))
+            .map_err(|e| driver_error(&format!("cuModuleGetFunction ({name})"), e))?;
+        // Registers and local memory (spills show up as local bytes) per kernel, for the
+        // tuning log.
+        tracing::debug!(
+            kernel = name,
+            registers = f.num_regs().unwrap_or(-1),
+            local_bytes = f.local_size_bytes().unwrap_or(-1),
+            shared_bytes = f.shared_size_bytes().unwrap_or(-1),
+            max_threads = f.max_threads_per_block().unwrap_or(-1),
+            "kernel loaded"
+        );
+        Ok(f)
+    }
+
+    /// Loads a compiled module into this context, turning a PTX the driver is too old for
+    /// into an error that names both versions.
+    fn load(&self, src: &KernelSource, image: &ModuleImage) -> Result<Arc<CudaModule>> {
+        let t = std::time::Instant::now();
+        let module = match image.form {
+            ModuleForm::Cubin => Ptx::from_binary(image.bytes.clone()),
+            ModuleForm::Ptx => Ptx::from_src(String::from_utf8_lossy(&image.bytes).into_owned()),
+        };
+        let loaded = self.ctx.load_module(module).map_err(|e| {
+            if image.form == ModuleForm::Ptx
+                && e.0 == sys::CUresult::CUDA_ERROR_UNSUPPORTED_PTX_VERSION
+            {
+                let isa = image
+                    .ptx_isa()
+                    .map_or("unknown".into(), |(a, b)| format!("{a}.{b}"));
+                let nvrtc =
+                    kernels::nvrtc_version().map_or("unknown".into(), |(a, b)| format!("{a}.{b}"));
+                let driver = driver_version().map_or("unknown".into(), |(a, b)| format!("{a}.{b}"));
+                return unavailable(format!(
+                    "{}: PTX ISA {isa} from NVRTC {nvrtc} is newer than this driver (CUDA \
+                     {driver}) can JIT; use an NVRTC no newer than the driver's CUDA version, \
+                     or update the driver",
+                    src.name
+                ));
+            }
+            driver_error(
+                &format!("cuModuleLoadData ({} {})", src.name, image.form),
+                e,
+            )
+        })?;
+        tracing::debug!(
+            kernel = src.name,
+            form = %image.form,
+            arch = image.arch,
+            bytes = image.bytes.len(),
+            ms = t.elapsed().as_secs_f64() * 1e3,
+            "module loaded"
+        );
+        Ok(loaded)
+    }
+
+    /// The device memory pool's (used now, reserved now, reserved at most) in bytes: what this
+    /// process's stream-ordered allocations hold, after the pool keeps freed blocks.
+    pub fn pool_memory(&self) -> Result<(u64, u64, u64)> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| driver_error("cuCtxSetCurrent", e))?;
+        let mut pool = std::ptr::null_mut();
+        // SAFETY: the context is current; `pool` receives the device's default pool.
+        unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, self.ctx.cu_device()) }
+            .result()
+            .map_err(|e| driver_error("cuDeviceGetDefaultMemPool", e))?;
+        let get = |attr| -> Result<u64> {
+            let mut v = 0u64;
+            // SAFETY: these attributes are 64-bit values; `pool` is the default pool.
+            unsafe { sys::cuMemPoolGetAttribute(pool, attr, (&mut v as *mut u64).cast()) }
+                .result()
+                .map_err(|e| driver_error("cuMemPoolGetAttribute", e))?;
+            Ok(v)
+        };
+        use sys::CUmemPool_attribute as A;
+        Ok((
+            get(A::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?,
+            get(A::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)?,
+            get(A::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH)?,
+        ))
     }
 
     /// Free and total device memory in bytes.
@@ -201,10 +342,102 @@ impl GpuContext {
             .map_err(|e| driver_error("cuMemGetInfo", e))
     }
 
+    /// Copies device memory back to the host for reading. The stream is synchronised first
+    /// (so a fault in a kernel queued before surfaces here, named by `what`, not in the copy)
+    /// and after the copy (so the host never reads a buffer the copy is still filling, whatever
+    /// the driver does for pageable memory).
+    pub fn read<T, Src>(&self, what: &str, src: &Src) -> Result<Vec<T>>
+    where
+        T: cudarc::driver::DeviceRepr,
+        Src: cudarc::driver::DevicePtr<T>,
+    {
+        self.stream
+            .synchronize()
+            .map_err(|e| driver_error(&format!("the kernels before reading {what}"), e))?;
+        let host = self
+            .stream
+            .clone_dtoh(src)
+            .map_err(|e| driver_error(&format!("cuMemcpyDtoH ({what})"), e))?;
+        self.synchronize()?;
+        Ok(host)
+    }
+
+    /// Runs `f` between `cuProfilerStart` and `cuProfilerStop`, synchronised at both ends, so a
+    /// profiler started with `--profile-from-start off` (`ncu`, `nsys`) records exactly `f`'s
+    /// kernels.
+    pub fn profiled<R>(&self, f: impl FnOnce() -> Result<R>) -> Result<R> {
+        self.synchronize()?;
+        // SAFETY: the context is current on this thread (synchronize bound it); no arguments.
+        unsafe { sys::cuProfilerStart() }
+            .result()
+            .map_err(|e| driver_error("cuProfilerStart", e))?;
+        let r = f().and_then(|r| self.synchronize().map(|()| r));
+        // SAFETY: as above.
+        let stop = unsafe { sys::cuProfilerStop() }
+            .result()
+            .map_err(|e| driver_error("cuProfilerStop", e));
+        let r = r?;
+        stop?;
+        Ok(r)
+    }
+
     /// Waits for all work queued on the stream.
     pub fn synchronize(&self) -> Result<()> {
         self.stream
             .synchronize()
             .map_err(|e| driver_error("cuStreamSynchronize", e))
     }
+}
+
+/// Keeps freed device memory in the device's default pool (the one stream-ordered allocation
+/// uses) instead of returning it to the driver at each synchronisation: its release threshold
+/// goes to the maximum. Devices without stream-ordered allocation are left alone.
+fn keep_freed_memory(ctx: &Arc<CudaContext>) -> Result<()> {
+    ctx.bind_to_thread()
+        .map_err(|e| driver_error("cuCtxSetCurrent", e))?;
+    let mut pool = std::ptr::null_mut();
+    // SAFETY: the context is current; `pool` receives the device's default pool.
+    let r = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) };
+    if r == sys::CUresult::CUDA_ERROR_NOT_SUPPORTED {
+        tracing::debug!("no stream-ordered allocator on this device: no pool to configure");
+        return Ok(());
+    }
+    r.result()
+        .map_err(|e| driver_error("cuDeviceGetDefaultMemPool", e))?;
+    let mut threshold = u64::MAX;
+    // SAFETY: RELEASE_THRESHOLD takes a u64; `pool` is valid.
+    unsafe {
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+    }
+    .result()
+    .map_err(|e| driver_error("cuMemPoolSetAttribute (release threshold)", e))
+}
+
+/// Logs, once per process, the versions that decide whether kernels load: NVRTC's, the
+/// driver's CUDA version, the GPU, and the module form chosen for it.
+fn log_setup_once(info: &GpuInfo) {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let nvrtc =
+            kernels::nvrtc_version().map_or("unavailable".into(), |(a, b)| format!("{a}.{b}"));
+        let driver = driver_version().map_or("unknown".into(), |(a, b)| format!("{a}.{b}"));
+        let form = kernels::supported_archs()
+            .and_then(|s| kernels::choose_form(&s, info.arch()))
+            .map_or_else(
+                |e| format!("none ({e})"),
+                |(f, a)| format!("{f} for sm_{a}"),
+            );
+        tracing::info!(
+            gpu = %info.name,
+            arch = format!("sm_{}", info.arch()),
+            nvrtc = %nvrtc,
+            driver_cuda = %driver,
+            kernels = %form,
+            "CUDA engine"
+        );
+    });
 }

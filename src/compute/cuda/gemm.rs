@@ -91,7 +91,11 @@ impl PointwiseGemm {
     pub fn new(gpu: &Arc<GpuContext>) -> Result<Option<Self>> {
         // SAFETY: only tries to open the shared library.
         if !unsafe { sys::is_culib_present() } {
-            tracing::info!("cuBLAS not found: every convolution uses the direct kernel");
+            tracing::warn!(
+                "cuBLAS (libcublas.so.{}) not found: every pointwise convolution uses the \
+                 slower direct kernel",
+                super::CUDA_MAJOR
+            );
             return Ok(None);
         }
         let blas =
@@ -109,6 +113,13 @@ impl PointwiseGemm {
             .unwrap_or_else(|e| e.into_inner())
             .get(shape)
             .copied()
+    }
+
+    /// How many shapes chose (cuBLAS, the direct kernel) so far.
+    pub fn counts(&self) -> (usize, usize) {
+        let choices = self.choices.lock().unwrap_or_else(|e| e.into_inner());
+        let gemm = choices.values().filter(|&&c| c == ConvChoice::Gemm).count();
+        (gemm, choices.len() - gemm)
     }
 
     pub fn record(&self, shape: PointwiseShape, choice: ConvChoice) {

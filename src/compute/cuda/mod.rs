@@ -35,7 +35,7 @@ pub mod postprocess;
 pub mod preprocess;
 
 #[cfg(feature = "cuda")]
-pub use device::{GpuContext, GpuInfo, driver_error, missing_libraries, probe};
+pub use device::{GpuContext, GpuInfo, driver_error, driver_version, missing_libraries, probe};
 
 /// The CUDA major version whose libraries this build loads.
 #[cfg(feature = "cuda-12")]

@@ -347,13 +347,13 @@ impl GpuPostprocessor {
         unsafe { l_b.launch(per_image) }.map_err(launch_err("nms_reduce"))?;
 
         // 5. Only the detections come back.
-        let counts = s
-            .clone_dtoh(&b.counts.slice(..batch))
-            .map_err(|e| driver_error("download detection counts", e))?;
+        let counts = self
+            .gpu
+            .read("the detection counts", &b.counts.slice(..batch))?;
         let md = self.cfg.max_detections.max(1);
-        let dets = s
-            .clone_dtoh(&b.dets.slice(..batch * md))
-            .map_err(|e| driver_error("download detections", e))?;
+        let dets = self
+            .gpu
+            .read("the detections", &b.dets.slice(..batch * md))?;
         Ok((0..batch)
             .map(|i| {
                 dets[i * md..i * md + (counts[i] as usize).min(self.cfg.max_detections)]
