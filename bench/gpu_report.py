@@ -4,7 +4,8 @@
 Usage: python3 bench/gpu_report.py DIR [--out bench/results/gpu_vs_pytorch-<date>]
 
 DIR holds ours.jsonl (`effdet bench --json`, one line per batch size), peer.jsonl
-(bench/pytorch_gpu.py, one line per variant and batch size), machine.txt and gpu.csv. Writes
+(bench/pytorch_gpu.py, one line per variant and batch size) and machine.txt (its `gpu` line
+is nvidia-smi's; older runs had it in gpu.csv). Writes
 OUT.json (everything, plus the ratios) and OUT.md: per batch size our images/s and PyTorch's
 best variant's, network alone and end to end, the ratio ours / PyTorch, device memory, the
 issue's targets (batch-1 end to end <= 1.0 ms, >= 15,000 images/s at batch >= 64, >= 3x
@@ -44,7 +45,7 @@ def main():
         sys.exit(f"no results of ours in {a.dir}/ours.jsonl")
     text = lambda name: open(os.path.join(a.dir, name)).read().strip() if os.path.exists(os.path.join(a.dir, name)) else "unknown"
     machine = text("machine.txt")
-    gpu = text("gpu.csv")
+    gpu = next((l[4:] for l in machine.splitlines() if l.startswith("gpu ")), None) or text("gpu.csv")
     floor = json.load(open(a.floor)) if os.path.exists(a.floor) else None
     date = datetime.date.today().isoformat()
     out = a.out or f"bench/results/gpu_vs_pytorch-{date}"

@@ -199,3 +199,19 @@ fn the_module_form_follows_what_nvrtc_supports() {
         (ModuleForm::Ptx, newest)
     );
 }
+
+/// `EFFDET_NVRTC_VERBOSE=1` gets ptxas's register and spill report into the compile log (the
+/// GPU lane's tune.log shows it); it is information, not a warning, so the compile succeeds.
+#[test]
+fn ptxas_reports_registers_and_spills_when_asked() {
+    if !nvrtc_or_skip("ptxas_reports_registers_and_spills_when_asked") {
+        return;
+    }
+    // Other tests here may see the variable too: it only adds the report to their logs.
+    // SAFETY: no thread of this binary writes the environment concurrently; readers of this
+    // variable only read it.
+    unsafe { std::env::set_var("EFFDET_NVRTC_VERBOSE", "1") };
+    let c = kernels::compile(&kernels::CONV, 90).unwrap();
+    assert!(c.log.contains("registers"), "{}", c.log);
+    assert!(c.log.contains("spill"), "{}", c.log);
+}

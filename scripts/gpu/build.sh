@@ -35,7 +35,7 @@ strip "$pack"/bin/*
 echo "== models, the run script, the PyTorch peer and its wheels"
 cp models/*.safetensors models/*.txt "$pack/models/" 2>/dev/null || true
 cp scripts/gpu/run.sh "$pack/run.sh"
-cp bench/pytorch_gpu.py "$pack/"
+cp bench/pytorch_gpu.py bench/ncu_summary.py "$pack/"
 # The PyTorch peer: effdet and the pure-Python / cp312 packages it imports that the GPU host's
 # Python (3.12, with torch, torchvision and timm) may lack. run.sh unpacks only the missing ones.
 py=python3

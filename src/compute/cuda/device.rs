@@ -130,18 +130,44 @@ fn loaded_libcuda() -> Vec<String> {
     paths
 }
 
-/// The explanation for `CUDA_ERROR_STUB_LIBRARY`: which file was loaded and what to change.
+/// Where NVIDIA drivers put `libcuda.so.1` (distribution packages, the runfile installer, the
+/// container toolkit's mounts).
+const DRIVER_DIRS: [&str; 5] = [
+    "/usr/lib/x86_64-linux-gnu",
+    "/usr/lib/aarch64-linux-gnu",
+    "/usr/lib64",
+    "/usr/local/nvidia/lib64",
+    "/usr/lib/wsl/lib",
+];
+
+/// The explanation for `CUDA_ERROR_STUB_LIBRARY`: which file was loaded, where the real driver
+/// is if it can be found, and what to change.
+///
+/// cudarc looks for `libcuda.so` before `libcuda.so.1`, and the dynamic loader cannot be told
+/// otherwise once the process runs, so a stub earlier on the library path wins; the fix is the
+/// user's library path (or a `libcuda.so` symlink to the real driver, first on it, as
+/// `scripts/gpu/run.sh` makes).
 fn stub_message() -> String {
     let loaded = loaded_libcuda();
+    let real: Vec<String> = DRIVER_DIRS
+        .iter()
+        .map(|d| std::path::Path::new(d).join("libcuda.so.1"))
+        .filter(|p| p.exists() && !loaded.iter().any(|l| std::path::Path::new(l) == p))
+        .map(|p| p.display().to_string())
+        .collect();
     format!(
         "the libcuda loaded ({}) is the CUDA toolkit's stub, which only satisfies the linker; \
-         the NVIDIA driver's libcuda.so.1 must come first: remove the toolkit's `stubs` folder \
-         from LD_LIBRARY_PATH (or put the driver's folder, e.g. /usr/lib/x86_64-linux-gnu or \
-         /usr/local/nvidia/lib64, before it)",
+         {}; remove the toolkit's `stubs` folder from LD_LIBRARY_PATH, or put a folder with a \
+         `libcuda.so` symlink to the real driver before it",
         if loaded.is_empty() {
             "path unknown".to_string()
         } else {
             loaded.join(", ")
+        },
+        if real.is_empty() {
+            "no NVIDIA driver (libcuda.so.1) was found in the usual folders either".to_string()
+        } else {
+            format!("the driver's own library is {}", real.join(", "))
         }
     )
 }

@@ -141,19 +141,25 @@ impl KernelSource {
     }
 
     /// NVRTC options for compute capability `arch` (e.g. 90): `sm_90` for a CUBIN (NVRTC then
-    /// also gives the PTX), `compute_90` for PTX alone. Line information is always on.
+    /// also gives the PTX), `compute_90` for PTX alone. Line information is always on. With
+    /// `EFFDET_NVRTC_VERBOSE=1` a CUBIN build also asks ptxas for its register, spill and
+    /// shared-memory report (`--ptxas-options=-v`), which [`compile_as`] logs.
     pub fn options(&self, form: ModuleForm, arch: u32) -> Vec<String> {
         let target = match form {
             ModuleForm::Cubin => format!("--gpu-architecture=sm_{arch}"),
             ModuleForm::Ptx => format!("--gpu-architecture=compute_{arch}"),
         };
-        vec![
+        let mut o = vec![
             target,
             "--std=c++17".into(),
             format!("--fmad={}", self.fmad),
             "--generate-line-info".into(),
             "--display-error-number".into(),
-        ]
+        ];
+        if form == ModuleForm::Cubin && verbose() {
+            o.push("--ptxas-options=-v".into());
+        }
+        o
     }
 
     /// A stable 64-bit FNV-1a hash of everything that determines the module besides the NVRTC
@@ -168,6 +174,10 @@ impl KernelSource {
         }
         h
     }
+}
+
+fn verbose() -> bool {
+    std::env::var("EFFDET_NVRTC_VERBOSE").is_ok_and(|v| v == "1")
 }
 
 /// Where compiled modules are cached: `$EFFDET_KERNEL_CACHE`, else
@@ -393,6 +403,9 @@ mod nvrtc {
         }?;
         if outcome.log.to_ascii_lowercase().contains("warning") {
             return Err(failed(outcome.log));
+        }
+        if super::verbose() && !outcome.log.trim().is_empty() {
+            tracing::info!(kernel = src.name, %form, arch, "NVRTC/ptxas report:\n{}", outcome.log.trim());
         }
         Ok(outcome)
     }
