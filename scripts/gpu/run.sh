@@ -116,11 +116,11 @@ run_test() {
   local bin=$1 name=$2 t0 rc
   t0=$(date +%s)
   echo "==== $(basename "$bin") $name" >> "$tests_log"
-  timeout -k 5 "$(limit 120)" "$bin" --exact "$name" --nocapture --test-threads=1 >> "$tests_log" 2>&1
+  EFFDET_CUDA_POISON=1 timeout -k 5 "$(limit 120)" "$bin" --exact "$name" --nocapture --test-threads=1 >> "$tests_log" 2>&1
   rc=$?
   if [ $rc -ne 0 ]; then
     echo "==== $(basename "$bin") $name: exit $rc; again with CUDA_LAUNCH_BLOCKING=1" >> "$tests_log"
-    CUDA_LAUNCH_BLOCKING=1 timeout -k 5 "$(limit 120)" "$bin" --exact "$name" --nocapture --test-threads=1 >> "$tests_log" 2>&1
+    EFFDET_CUDA_POISON=1 CUDA_LAUNCH_BLOCKING=1 timeout -k 5 "$(limit 120)" "$bin" --exact "$name" --nocapture --test-threads=1 >> "$tests_log" 2>&1
     local rc2=$?
     note "FAIL $(basename "$bin") $name (exit $rc; rerun blocking: exit $rc2) $(( $(date +%s) - t0 )) s"
     status=1

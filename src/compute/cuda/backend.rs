@@ -9,7 +9,9 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaFunction, CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+};
 use half::f16;
 
 use super::device::{GpuContext, driver_error};
@@ -76,6 +78,9 @@ struct Kernels {
     weighted_sum: CudaFunction,
 }
 
+/// The FP16 NaN that `EFFDET_CUDA_POISON=1` fills new tensors with (no kernel writes it).
+const POISON: u16 = 0x7e01;
+
 /// What [`CudaBackend::conv_paths`] reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConvPaths {
@@ -92,6 +97,8 @@ pub struct CudaBackend {
     /// cuBLAS for pointwise convolutions (`None` without the library).
     gemm: Option<PointwiseGemm>,
     policy: ConvPolicy,
+    /// Fill new tensors with [`POISON`] (`EFFDET_CUDA_POISON=1`).
+    poison: bool,
 }
 
 fn cfg1d(n: usize) -> LaunchConfig {
@@ -143,6 +150,7 @@ impl CudaBackend {
             k,
             gemm,
             policy,
+            poison: std::env::var("EFFDET_CUDA_POISON").is_ok_and(|v| v == "1"),
         })
     }
 
@@ -253,11 +261,28 @@ impl CudaBackend {
     }
 
     /// Device memory for `shape`, left unwritten: every kernel writes each output element.
+    /// With `EFFDET_CUDA_POISON=1` (the GPU lane's tests) it is filled with an FP16 NaN
+    /// pattern (`0x7e01`) first, so an element a kernel fails to write shows as NaN in every
+    /// comparison instead of passing with stale memory that happens to be right.
     pub fn alloc(&self, shape: Vec<usize>) -> Result<GpuTensor> {
         let n: usize = shape.iter().product();
         // SAFETY: u16 has no invalid bit patterns; callers write every element before reading.
-        let data = unsafe { self.gpu.stream().alloc::<u16>(n.max(1)) }
+        let mut data = unsafe { self.gpu.stream().alloc::<u16>(n.max(1)) }
             .map_err(|e| driver_error(&format!("cuMemAlloc ({shape:?} FP16 tensor)"), e))?;
+        if self.poison {
+            let (ptr, _sync) = data.device_ptr_mut(self.gpu.stream());
+            // SAFETY: `ptr` addresses `data`'s n.max(1) u16 values, on the stream that owns it.
+            unsafe {
+                cudarc::driver::sys::cuMemsetD16Async(
+                    ptr,
+                    POISON,
+                    n.max(1),
+                    self.gpu.stream().cu_stream(),
+                )
+            }
+            .result()
+            .map_err(|e| driver_error("cuMemsetD16Async (poison)", e))?;
+        }
         Ok(GpuTensor { data, shape })
     }
 
