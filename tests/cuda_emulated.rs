@@ -39,6 +39,7 @@ fn library() -> &'static Library {
                 "-fPIC",
                 "-shared",
                 "-Wall",
+                "-pthread",
             ])
             .args(["-Wno-unused-function", "-DEFFDET_HOST_EMULATION", "-I"])
             .arg(root.join("src/compute/cuda/kernels"))
@@ -480,6 +481,24 @@ fn elementwise_kernels_match_the_cpu_engine() {
             (h * w) as i64,
         );
         assert_close_f16("global_avg_pool", &b.global_avg_pool(&xt).unwrap(), &pooled);
+        // Planes larger than the block (256 threads), not a multiple of it, and a 1x1 plane:
+        // every thread's strided share and the block reduction.
+        for pshape in [[1usize, 3, 97, 61], [2, 2, 1, 1], [1, 1, 16, 16]] {
+            let (pb, pt) = random_half(&mut rng, &pshape, 2.0);
+            let planes = pshape[0] * pshape[1];
+            let mut pooled = vec![0x7e01u16; planes];
+            f(
+                pb.as_ptr(),
+                pooled.as_mut_ptr(),
+                planes as i64,
+                (pshape[2] * pshape[3]) as i64,
+            );
+            assert_close_f16(
+                &format!("global_avg_pool {pshape:?}"),
+                &b.global_avg_pool(&pt).unwrap(),
+                &pooled,
+            );
+        }
 
         let f: Symbol<unsafe extern "C" fn(*const u16, *const u16, *mut u16, i64, i64)> =
             lib.get(b"emu_scale_channels").unwrap();

@@ -6,7 +6,8 @@
 #   run.log            versions, environment, each stage's outcome, the summary
 #   tests.log          every GPU test, each in its own process (a failure rerun once with
 #                      CUDA_LAUNCH_BLOCKING=1), and the NVRTC tests with the host's NVRTC
-#   sanitizer.log      compute-sanitizer memcheck over the kernel tests
+#   sanitizer.log      compute-sanitizer memcheck over the kernel tests, racecheck and
+#                      synccheck over the post-processing test
 #   tune.log           RUST_LOG=effdet=debug of the benchmark: module form and load times,
 #                      registers and spills per kernel, cuBLAS found or not, the convolution
 #                      path each shape chose and the times it was chosen by
@@ -160,6 +161,18 @@ if [ -n "$san" ] && [ -x "$here/bin/cuda_gpu" ]; then
       note "ok   memcheck $t"
     else
       note "FAIL memcheck $t (exit $?; see sanitizer.log)"; status=1
+    fi
+  done
+  # The block-cooperative kernels (shared memory, barriers): shared-memory races and barrier
+  # misuse, on the post-processing test (topk_histogram, nms_reduce).
+  for tool in racecheck synccheck; do
+    [ "$(left)" -lt 120 ] && { note "skip $tool (time)"; continue; }
+    echo "==== $tool gpu_postprocessing_matches_the_cpu" >> "$san_log"
+    if timeout -k 5 "$(limit 60)" "$san" --tool "$tool" --error-exitcode 99 --print-limit 50 \
+         "$here/bin/cuda_gpu" --exact gpu_postprocessing_matches_the_cpu --nocapture --test-threads=1 >> "$san_log" 2>&1; then
+      note "ok   $tool gpu_postprocessing_matches_the_cpu"
+    else
+      note "FAIL $tool gpu_postprocessing_matches_the_cpu (exit $?; see sanitizer.log)"; status=1
     fi
   done
 else

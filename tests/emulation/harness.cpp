@@ -1,11 +1,26 @@
 // Host emulation of the CUDA kernels for tests/cuda_emulated.rs: the kernel sources compiled
-// as C++ (EFFDET_HOST_EMULATION, see prelude.cuh) and launched by running every thread of the
-// grid in turn. Valid for kernels without shared memory or __syncthreads, which is all of
-// preprocess.cu, postprocess.cu, conv.cu and elementwise.cu. The launch sequence of emu_postprocess mirrors
-// src/compute/cuda/postprocess.rs (the GPU test covers that file itself).
+// as C++ (EFFDET_HOST_EMULATION, see prelude.cuh) and launched in one of two ways:
+//
+// - EMU_LAUNCH: every thread of the grid in turn, on this thread. For kernels whose threads do
+//   not cooperate (no shared memory, no barrier, no shuffle): fast.
+// - EMU_LAUNCH_BLOCKS: block after block, each block's threads as concurrent host threads.
+//   `__shared__` is then the block's (one static instance, blocks run one at a time),
+//   __syncthreads() is a barrier of the block's threads, warp_shfl_down exchanges values
+//   through the warp's slots between two barriers of the warp's threads. A thread that returns
+//   leaves the barriers (as an exited thread does on a GPU since Volta). One cooperative launch
+//   runs at a time in the process (shared memory is static). Used for
+//   global_avg_pool, topk_histogram and nms_reduce.
+//
+// The launch sequence of emu_postprocess mirrors src/compute/cuda/postprocess.rs (the GPU test
+// covers that file itself).
 
+#include <algorithm>
+#include <condition_variable>
 #include <cstddef>
 #include <cstring>
+#include <memory>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 #include "preprocess.cu"
@@ -29,6 +44,85 @@ thread_local effdet_dim3 threadIdx, blockIdx, blockDim, gridDim;
                 threadIdx = effdet_dim3{tx, ty, tz};                          \
                 call;                                                         \
               }                                                               \
+  } while (0)
+
+// A reusable barrier for `expected` threads; a thread that is done leaves it (`drop`), so the
+// others do not wait for it.
+struct EmuBarrier {
+  std::mutex m;
+  std::condition_variable cv;
+  unsigned expected = 0, arrived = 0, generation = 0;
+  void release() { arrived = 0; ++generation; cv.notify_all(); }
+  void arrive_and_wait() {
+    std::unique_lock<std::mutex> lock(m);
+    unsigned gen = generation;
+    if (++arrived == expected) { release(); return; }
+    cv.wait(lock, [&] { return generation != gen; });
+  }
+  void drop() {
+    std::lock_guard<std::mutex> lock(m);
+    --expected;
+    if (expected > 0 && arrived == expected) release();
+  }
+};
+
+// The block being run by EMU_LAUNCH_BLOCKS: its barrier, one barrier and 32 slots per warp.
+struct EmuBlock {
+  unsigned threads;
+  EmuBarrier block;
+  std::vector<std::unique_ptr<EmuBarrier>> warps;
+  std::vector<float> slots;
+  explicit EmuBlock(unsigned n) : threads(n), warps((n + 31) / 32), slots(((n + 31) / 32) * 32) {
+    block.expected = n;
+    for (unsigned w = 0; w < warps.size(); ++w) {
+      warps[w] = std::make_unique<EmuBarrier>();
+      warps[w]->expected = std::min(32u, n - 32 * w);
+    }
+  }
+};
+static EmuBlock* emu_block = nullptr;
+// `__shared__` variables and emu_block are process-wide, so cooperative launches from
+// concurrent callers (the Rust tests run in parallel) take turns.
+static std::mutex emu_coop_launch;
+static thread_local unsigned emu_linear = 0;  // the thread's index within its block
+
+void effdet_syncthreads() { emu_block->block.arrive_and_wait(); }
+
+float effdet_shfl_down_f32(float v, unsigned delta) {
+  unsigned w = emu_linear / 32, lane = emu_linear % 32;
+  unsigned width = emu_block->warps[w]->expected;  // lanes of this warp still running
+  emu_block->slots[w * 32 + lane] = v;
+  emu_block->warps[w]->arrive_and_wait();
+  float r = lane + delta < width ? emu_block->slots[w * 32 + lane + delta] : v;
+  emu_block->warps[w]->arrive_and_wait();
+  return r;
+}
+
+#define EMU_LAUNCH_BLOCKS(GRID, BLOCK, CALL)                                        \
+  do {                                                                              \
+    const effdet_dim3 g_ = GRID, b_ = BLOCK;                                        \
+    std::lock_guard<std::mutex> one_at_a_time_(emu_coop_launch);                    \
+    const unsigned n_ = b_.x * b_.y * b_.z;                                         \
+    for (unsigned bz = 0; bz < g_.z; ++bz)                                          \
+      for (unsigned by = 0; by < g_.y; ++by)                                        \
+        for (unsigned bx = 0; bx < g_.x; ++bx) {                                    \
+          EmuBlock blk(n_);                                                         \
+          emu_block = &blk;                                                         \
+          std::vector<std::thread> threads_;                                        \
+          for (unsigned t_ = 0; t_ < n_; ++t_)                                      \
+            threads_.emplace_back([&, t_] {                                         \
+              gridDim = g_;                                                         \
+              blockDim = b_;                                                        \
+              blockIdx = effdet_dim3{bx, by, bz};                                   \
+              threadIdx = effdet_dim3{t_ % b_.x, (t_ / b_.x) % b_.y, t_ / (b_.x * b_.y)}; \
+              emu_linear = t_;                                                      \
+              CALL;                                                                 \
+              blk.warps[t_ / 32]->drop();                                           \
+              blk.block.drop();                                                     \
+            });                                                                     \
+          for (auto& th : threads_) th.join();                                      \
+          emu_block = nullptr;                                                      \
+        }                                                                           \
   } while (0)
 
 static unsigned blocks(long long n, unsigned b) { return (unsigned)((n + b - 1) / b > 0 ? (n + b - 1) / b : 1); }
@@ -92,7 +186,7 @@ void emu_postprocess(const EmuLevel* levels, int num_levels, int batch, int anch
   // A small grid, so that the grid-stride loops wrap several times.
   effdet_dim3 scan{3, (unsigned)batch, 1};
   for (int round = 0; round < 8; ++round) {
-    EMU_LAUNCH(scan, b64, topk_histogram(logits.data(), n, states.data(), round, hist.data()));
+    EMU_LAUNCH_BLOCKS(scan, b64, topk_histogram(logits.data(), n, states.data(), round, hist.data()));
     EMU_LAUNCH(per_image, b64, topk_select(hist.data(), states.data(), batch, round));
   }
   EMU_LAUNCH(scan, b64, topk_gather(logits.data(), n, states.data(), k, selected.data()));
@@ -105,10 +199,12 @@ void emu_postprocess(const EmuLevel* levels, int num_levels, int batch, int anch
   EMU_LAUNCH(per_word, b64,
              nms_mask(boxes.data(), classes.data(), states.data(), k, words, iou_threshold,
                       mask.data()));
-  EMU_LAUNCH(per_image, b64,
-             nms_reduce(mask.data(), states.data(), k, words, boxes.data(), scores.data(),
-                        classes.data(), images, batch, max_det, score_threshold, removed.data(),
-                        dets, counts));
+  // A block per image, 64 threads: fewer than the words of a 5000-candidate mask, so the
+  // word loop wraps.
+  EMU_LAUNCH_BLOCKS((effdet_dim3{(unsigned)batch, 1, 1}), b64,
+                    nms_reduce(mask.data(), states.data(), k, words, boxes.data(), scores.data(),
+                               classes.data(), images, batch, max_det, score_threshold,
+                               removed.data(), dets, counts));
 }
 
 // One thread per element of an n-element output, 64 per block (launch shape of backend.rs).
@@ -126,8 +222,10 @@ void emu_activation(const half_t* x, half_t* y, long long n, int act) {
   EMU_1D(n, activation(x, y, n, act));
 }
 void emu_add(const half_t* a, const half_t* b, half_t* y, long long n) { EMU_1D(n, add(a, b, y, n)); }
+// A block of 256 threads per plane, as backend.rs launches it.
 void emu_global_avg_pool(const half_t* x, half_t* y, long long planes, long long hw) {
-  EMU_1D(planes, global_avg_pool(x, y, planes, hw));
+  EMU_LAUNCH_BLOCKS((effdet_dim3{(unsigned)planes, 1, 1}), (effdet_dim3{256, 1, 1}),
+                    global_avg_pool(x, y, planes, hw));
 }
 void emu_scale_channels(const half_t* x, const half_t* s, half_t* y, long long n, long long hw) {
   EMU_1D(n, scale_channels(x, s, y, n, hw));

@@ -456,8 +456,21 @@ impl Backend for CudaBackend {
         let (xa, ya) = (self.addr(x), self.addr(&y));
         let mut l = self.gpu.stream().launch_builder(&self.k.global_avg_pool);
         l.arg(&xa).arg(&ya).arg(&planes).arg(&hw);
-        // SAFETY: arguments match `global_avg_pool`.
-        unsafe { l.launch(cfg1d(n * c)) }.map_err(launched("global_avg_pool"))?;
+        // A block of 256 threads (a multiple of 32, as block_sum needs) per plane.
+        let cfg = LaunchConfig {
+            grid_dim: (
+                u32::try_from(n * c).map_err(|_| Error::Shape {
+                    op: "global_avg_pool",
+                    detail: format!("{} planes exceed a CUDA grid", n * c),
+                })?,
+                1,
+                1,
+            ),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: arguments match `global_avg_pool`; one block per plane.
+        unsafe { l.launch(cfg) }.map_err(launched("global_avg_pool"))?;
         Ok(y)
     }
 

@@ -343,8 +343,14 @@ impl GpuPostprocessor {
             .arg(&mut b.removed)
             .arg(&mut b.dets)
             .arg(&mut b.counts);
+        // A block per image; its threads share the ORing of suppression rows, a word each.
+        let per_image_block = LaunchConfig {
+            grid_dim: (batch as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
         // SAFETY: arguments match `nms_reduce`; `dets` holds max_det per image.
-        unsafe { l_b.launch(per_image) }.map_err(launch_err("nms_reduce"))?;
+        unsafe { l_b.launch(per_image_block) }.map_err(launch_err("nms_reduce"))?;
 
         // 5. Only the detections come back.
         let counts = self

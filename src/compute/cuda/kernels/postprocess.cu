@@ -20,7 +20,8 @@
 //   nms_mask          bit j of row i: candidate j (ranked after i) has i's class and
 //                     IoU(i, j) > threshold
 //   nms_reduce        greedy walk in rank order; kept boxes scaled by img_scale, score filter
-// None of these kernels uses shared memory or __syncthreads: all run under host emulation.
+// topk_histogram and nms_reduce are block-cooperative (shared memory, __syncthreads); the host
+// emulation runs them with a host thread per CUDA thread.
 
 #include "prelude.cuh"
 
@@ -101,17 +102,25 @@ extern "C" __global__ void topk_init(TopkState* __restrict__ states, int batch, 
 extern "C" __global__ void topk_histogram(const float* __restrict__ logits, u32 n,
                                           const TopkState* __restrict__ states, int round,
                                           u32* __restrict__ hist) {
+  // Counted per block in shared memory first, then one global atomic per non-empty digit:
+  // most keys of a round share a few digits, which made global atomics collide.
+  __shared__ u32 local[256];
   const TopkState st = states[blockIdx.y];
-  if (st.need == 0) return;
+  if (st.need == 0) return;  // the whole block alike (one image per blockIdx.y)
+  for (u32 b = threadIdx.x; b < 256; b += blockDim.x) local[b] = 0;
+  __syncthreads();
   const float* lg = logits + (long long)blockIdx.y * n;
-  u32* h = hist + blockIdx.y * 256;
   int shift = 56 - 8 * round;
   u64 high_mask = round == 0 ? 0 : ~0ull << (shift + 8);
   for (u32 i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
     u64 key = make_key(lg[i], i);
     if ((key & high_mask) != (st.prefix & high_mask)) continue;
-    atomic_add_u32(&h[(key >> shift) & 255], 1u);
+    atomic_add_u32(&local[(key >> shift) & 255], 1u);
   }
+  __syncthreads();
+  u32* h = hist + blockIdx.y * 256;
+  for (u32 b = threadIdx.x; b < 256; b += blockDim.x)
+    if (local[b] != 0) atomic_add_u32(&h[b], local[b]);
 }
 
 // Picks the digit of this round holding the need-th largest active key; clears the histogram.
@@ -238,37 +247,53 @@ extern "C" __global__ void nms_mask(const float* __restrict__ boxes,
   mask[(base + i) * words + w] = bits;
 }
 
-// Thread per image: walk the candidates best first, keep those no kept box suppresses, stop at
-// max_det; scale to frame pixels; keep the prefix scoring >= score_threshold (scores descend;
-// NaN is kept, as on the CPU). removed: u64[batch][words], zero on entry.
+// Block per image (blockIdx.x): walk the candidates best first, keep those no kept box
+// suppresses, stop at max_det; scale to frame pixels; keep the prefix scoring >= score_threshold
+// (scores descend; NaN is kept, as on the CPU). The walk is sequential (greedy NMS), so thread 0
+// decides each candidate; ORing a kept candidate's suppression row into `removed` is spread over
+// the block's threads, a word each. removed: u64[batch][words], zero on entry.
 extern "C" __global__ void nms_reduce(const u64* __restrict__ mask,
                                       const TopkState* __restrict__ states, u32 k, int words,
                                       const float* __restrict__ boxes,
                                       const float* __restrict__ scores,
                                       const u32* __restrict__ classes,
                                       const DecodeImage* __restrict__ images, int batch,
-                                      int max_det, float score_threshold,
-                                      u64* __restrict__ removed, GpuDetection* __restrict__ dets,
+                                      int max_det, float score_threshold, u64* removed,
+                                      GpuDetection* __restrict__ dets,
                                       u32* __restrict__ det_count) {
-  int img = blockIdx.x * blockDim.x + threadIdx.x;
-  if (img >= batch) return;
+  __shared__ int action;  // for the current candidate: 0 skip, 1 keep, 2 stop
+  int img = blockIdx.x;
+  if (img >= batch) return;  // the whole block alike
   u32 count = states[img].count;
   long long base = (long long)img * k;
   u64* rm = removed + (long long)img * words;
   GpuDetection* out = dets + (long long)img * max_det;
   float scale = images[img].img_scale;
-  int kept = 0;
-  for (u32 i = 0; i < count && kept < max_det; ++i) {
-    if ((rm[i / 64] >> (i % 64)) & 1ull) continue;
-    float s = scores[base + i];
-    if (s < score_threshold) break;
-    const u64* row = mask + (base + i) * words;
-    for (int w = (int)(i / 64); w < words; ++w) rm[w] |= row[w];
-    GpuDetection d;
-    for (int c = 0; c < 4; ++c) d.box[c] = boxes[(base + i) * 4 + c] * scale;
-    d.score = s;
-    d.class_id = classes[base + i] + 1;
-    out[kept++] = d;
+  int kept = 0;  // thread 0's
+  for (u32 i = 0; i < count; ++i) {
+    if (threadIdx.x == 0) {
+      int a = 1;
+      float s = scores[base + i];
+      if (kept >= max_det) a = 2;
+      else if ((rm[i / 64] >> (i % 64)) & 1ull) a = 0;
+      else if (s < score_threshold) a = 2;
+      if (a == 1) {
+        GpuDetection d;
+        for (int c = 0; c < 4; ++c) d.box[c] = boxes[(base + i) * 4 + c] * scale;
+        d.score = s;
+        d.class_id = classes[base + i] + 1;
+        out[kept++] = d;
+      }
+      action = a;
+    }
+    __syncthreads();
+    int a = action;
+    if (a == 2) break;  // every thread read the same value
+    if (a == 1) {
+      const u64* row = mask + (base + i) * words;
+      for (int w = (int)(i / 64) + (int)threadIdx.x; w < words; w += (int)blockDim.x) rm[w] |= row[w];
+    }
+    __syncthreads();  // the row is in `removed` before thread 0 reads the next bit
   }
-  det_count[img] = (u32)kept;
+  if (threadIdx.x == 0) det_count[img] = (u32)kept;
 }
