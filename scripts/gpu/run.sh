@@ -51,26 +51,18 @@ echo "   budget $(left) s; output in $out; scratch in $work"
 
 # --- CUDA libraries -----------------------------------------------------------------------
 # The driver's libcuda.so.1 (/usr/local/nvidia or the system) and pip's NVIDIA wheels (nvrtc,
-# cublas, cudnn, nccl) under the host Python's site-packages. cudarc tries `libcuda.so` before
-# `libcuda.so.1`, and a CUDA toolkit's stub of that name on the path would win: a private
-# folder, first on the path, holds `libcuda.so` pointing at the real driver.
+# cublas, cudnn, nccl) under the host Python's site-packages. (Our cudarc opens the sonames
+# libcuda.so.1 and libnccl.so.2 first, so neither a toolkit's stub libcuda.so nor NCCL's
+# missing libnccl.so link matters.)
 real_cuda=""
 for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/lib/x86_64-linux-gnu /usr/lib64 /usr/lib; do
   if [ -e "$d/libcuda.so.1" ]; then real_cuda="$d/libcuda.so.1"; break; fi
 done
 libs=""
-if [ -n "$real_cuda" ]; then
-  mkdir -p "$work/driver"
-  ln -sf "$(readlink -f "$real_cuda")" "$work/driver/libcuda.so"
-  ln -sf "$(readlink -f "$real_cuda")" "$work/driver/libcuda.so.1"
-  libs="$work/driver:$(dirname "$real_cuda")"
-fi
+[ -n "$real_cuda" ] && libs="$(dirname "$real_cuda")"
 site=$(python3 -c "import nvidia, os; print(os.path.dirname(list(nvidia.__path__)[0]))" 2>/dev/null || true)
 if [ -n "$site" ]; then
   while read -r d; do libs="$libs:$d"; done < <(find "$site/nvidia" -name 'lib*.so*' -not -path '*/stubs/*' -printf '%h\n' 2>/dev/null | sort -u)
-  # NCCL ships only libnccl.so.2, a name cudarc does not look for.
-  nccl=$(find "$site/nvidia" -name 'libnccl.so.2' 2>/dev/null | head -1)
-  [ -n "$nccl" ] && mkdir -p "$work/driver" && ln -sf "$nccl" "$work/driver/libnccl.so"
 fi
 export LD_LIBRARY_PATH="${libs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export EFFDET_REQUIRE_GPU=1 EFFDET_REQUIRE_NVRTC=1 RUST_BACKTRACE=1

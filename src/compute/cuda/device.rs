@@ -3,8 +3,10 @@
 //!
 //! cudarc panics when a CUDA library is missing at first use, so every entry point here first
 //! checks `is_culib_present` for the libraries it needs and reports their absence as
-//! [`Error::BackendUnavailable`] with what to install. A CUDA toolkit's *stub* `libcuda.so`
-//! found before the driver's real one is named as such, with the path of each.
+//! [`Error::BackendUnavailable`] with what to install. The driver's `libcuda.so.1` is opened
+//! before a bare `libcuda.so` (often a CUDA toolkit's stub; cudarc is patched for that, see
+//! vendor/cudarc/EFFDET-PATCH.md); where only a stub is found it is named as such, with its
+//! path.
 //!
 //! Host overhead: a detector orders all its work on its one stream, so cudarc's per-buffer
 //! event tracking (two events per allocation, recorded and waited on at every use, for
@@ -143,10 +145,10 @@ const DRIVER_DIRS: [&str; 5] = [
 /// The explanation for `CUDA_ERROR_STUB_LIBRARY`: which file was loaded, where the real driver
 /// is if it can be found, and what to change.
 ///
-/// cudarc looks for `libcuda.so` before `libcuda.so.1`, and the dynamic loader cannot be told
-/// otherwise once the process runs, so a stub earlier on the library path wins; the fix is the
-/// user's library path (or a `libcuda.so` symlink to the real driver, first on it, as
-/// `scripts/gpu/run.sh` makes).
+/// cudarc (patched, vendor/cudarc) opens the driver's soname `libcuda.so.1` before a bare
+/// `libcuda.so`, so a stub is only loaded where no `libcuda.so.1` is on the library path or in
+/// the system's folders: the driver is not installed, or not visible (a container started
+/// without the GPU).
 fn stub_message() -> String {
     let loaded = loaded_libcuda();
     let real: Vec<String> = DRIVER_DIRS
@@ -156,18 +158,19 @@ fn stub_message() -> String {
         .map(|p| p.display().to_string())
         .collect();
     format!(
-        "the libcuda loaded ({}) is the CUDA toolkit's stub, which only satisfies the linker; \
-         {}; remove the toolkit's `stubs` folder from LD_LIBRARY_PATH, or put a folder with a \
-         `libcuda.so` symlink to the real driver before it",
+        "the libcuda loaded ({}) is the CUDA toolkit's stub, which only satisfies the linker, \
+         because no NVIDIA driver library (libcuda.so.1) is on the library path; {}; install \
+         the NVIDIA driver (in a container: start it with the GPU, e.g. --gpus all) or put the \
+         driver's folder on LD_LIBRARY_PATH",
         if loaded.is_empty() {
             "path unknown".to_string()
         } else {
             loaded.join(", ")
         },
         if real.is_empty() {
-            "no NVIDIA driver (libcuda.so.1) was found in the usual folders either".to_string()
+            "none was found in the usual folders either".to_string()
         } else {
-            format!("the driver's own library is {}", real.join(", "))
+            format!("there is one at {}", real.join(", "))
         }
     )
 }
