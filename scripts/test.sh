@@ -6,14 +6,21 @@ cd "$(dirname "$0")/.."
 
 . scripts/ensure-deps.sh
 
-# NVRTC (no GPU needed) so that tests/cuda_nvrtc.rs compiles every CUDA kernel for sm_75..sm_90;
-# EFFDET_REQUIRE_NVRTC=1 turns a missing library into a test failure instead of a skip.
+# A Python venv with NVRTC (no GPU needed) so that tests/cuda_nvrtc.rs compiles every CUDA kernel
+# for sm_75..sm_90, and ONNX + ONNX Runtime for tests/onnx_export.rs; EFFDET_REQUIRE_NVRTC=1 and
+# EFFDET_REQUIRE_ORT=1 turn their absence into test failures instead of skips.
 nvrtc_venv="${EFFDET_NVRTC_VENV:-$HOME/.cache/effdet/nvrtc-venv}"
 if ! find "$nvrtc_venv" -name 'libnvrtc.so.13' 2>/dev/null | grep -q .; then
   echo "== installing NVRTC (pip nvidia-cuda-nvrtc) into $nvrtc_venv"
   python3 -m venv "$nvrtc_venv"
   "$nvrtc_venv/bin/pip" install -q 'nvidia-cuda-nvrtc==13.5.37'
 fi
+# ONNX's checker and ONNX Runtime (tests/onnx_export.rs runs our exported models with them).
+if ! "$nvrtc_venv/bin/python" -c "import onnx, onnxruntime, numpy" 2>/dev/null; then
+  echo "== installing onnx, onnxruntime and numpy (pip) into $nvrtc_venv"
+  "$nvrtc_venv/bin/pip" install -q 'onnx==1.23.2' 'onnxruntime==1.32.0' 'numpy==2.4.6'
+fi
+export EFFDET_PYTHON="$nvrtc_venv/bin/python" EFFDET_REQUIRE_ORT=1
 nvrtc_lib=$(dirname "$(find "$nvrtc_venv" -name 'libnvrtc.so.13' | head -1)")
 export LD_LIBRARY_PATH="$nvrtc_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export EFFDET_REQUIRE_NVRTC=1

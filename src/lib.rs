@@ -49,6 +49,7 @@ pub mod frame;
 pub mod image_io;
 pub mod labels;
 pub mod model;
+pub mod onnx;
 pub mod postprocess;
 pub mod preprocess;
 pub mod rng;

@@ -14,6 +14,7 @@ use effdet::image_io::{draw_boxes, load_image, save_png};
 use effdet::postprocess::{NmsMethod, PostprocessConfig};
 use effdet::{BackendKind, Detector, DetectorOptions, Error, Frame, PixelFormat};
 
+mod export_cmd;
 mod synth_cmd;
 
 /// Exit status for errors in the weights file (missing, corrupt, wrong tensors).
@@ -61,6 +62,8 @@ enum Command {
     Synth(synth_cmd::SynthArgs),
     /// Evaluate detections against COCO ground truth: AP/AR exactly as pycocotools' COCOeval.
     Eval(eval_cmd::EvalArgs),
+    /// Export a model's network to ONNX (input images [N, 3, S, S], the ten raw head outputs).
+    Export(export_cmd::ExportArgs),
 }
 
 #[derive(clap::Args)]
@@ -240,6 +243,7 @@ fn main() -> ExitCode {
         Command::Synth(a) => synth_cmd::run(a),
         Command::Train(a) => train_cmd::train(*a),
         Command::Eval(a) => eval_cmd::eval(a),
+        Command::Export(a) => export_cmd::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
