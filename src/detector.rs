@@ -570,7 +570,10 @@ mod cuda_engine {
         pub(super) fn report(&self) -> Result<serde_json::Value> {
             let gpu = self.backend.gpu();
             let paths = self.backend.conv_paths();
-            let (used, reserved, reserved_high) = gpu.pool_memory()?;
+            // A device without a memory pool reports none (null), not an error.
+            let pool = gpu.pool_memory().ok();
+            let (used, reserved, reserved_high) =
+                (pool.map(|p| p.0), pool.map(|p| p.1), pool.map(|p| p.2));
             Ok(serde_json::json!({
                 "gpu": gpu.info().name,
                 "arch": format!("sm_{}", gpu.info().arch()),

@@ -240,7 +240,10 @@ impl GpuContext {
         // SAFETY: every buffer of this GpuContext is allocated, used and freed on `stream`
         // alone, so stream order already synchronises every use; nothing crosses streams.
         unsafe { ctx.disable_event_tracking() };
-        keep_freed_memory(&ctx)?;
+        if let Err(e) = keep_freed_memory(&ctx) {
+            // Only a cost (allocations go back to the driver), never a reason not to run.
+            tracing::warn!("device memory pool left as it was: {e}");
+        }
         let stream = ctx
             .new_stream()
             .map_err(|e| driver_error("cuStreamCreate", e))?;
