@@ -32,8 +32,8 @@ pub struct TrainArgs {
     /// Folder of the validation images.
     #[arg(long, value_name = "DIR", requires = "val_annotations")]
     pub val_images: Option<PathBuf>,
-    /// Output folder: checkpoint, metrics.csv, curves.svg, model.safetensors, labels.txt,
-    /// MODEL_CARD.md.
+    /// Output folder: checkpoint, metrics.csv, curves.svg, model.safetensors, model.onnx (the
+    /// same network as ONNX, see `effdet export`), labels.txt, MODEL_CARD.md.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
     /// Start from these effdet-named weights (tensors whose name and shape match are used; the
@@ -266,6 +266,13 @@ fn finish(
             &serialize_tensors_with(&weights, meta, true)?,
         )?;
     }
+    // The deploy bundle: the same network as ONNX (what TensorRT and ONNX Runtime load).
+    let onnx = effdet::onnx::export(
+        &out.join("model.safetensors"),
+        &out.join("model.onnx"),
+        &effdet::onnx::ExportOptions::default(),
+    )
+    .context("exporting model.onnx")?;
     write_atomic(&out.join("labels.txt"), labels.as_bytes())?;
     write_metrics_csv(&out.join("metrics.csv"), &t.history)?;
     write_atomic(&out.join("curves.svg"), curves_svg(&t.history).as_bytes())?;
@@ -281,7 +288,9 @@ fn finish(
          - settings: `{}`\n\
          - final training loss (last window): {}\n\
          - validation COCO AP@[.5:.95] / AP50 of the EMA weights: {}\n\
-         - files: model.safetensors (EMA weights, f32, effdet names){}, labels.txt, metrics.csv, curves.svg\n\n\
+         - files: model.safetensors (EMA weights, f32, effdet names){}, model.onnx (the same \
+         network, opset {}, dynamic batch: images [N, 3, {}, {}] -> class_3..7, box_3..7), \
+         labels.txt, metrics.csv, curves.svg\n\n\
          Use: `effdet detect --weights model.safetensors --image IMG`: the number of classes,\n\
          the class names and the input size ({}x{}) are read from the weights file.\n",
         cmd.join(" "),
@@ -305,6 +314,9 @@ fn finish(
             r.val_ap50.unwrap_or(0.0)
         )),
         if a.f16 { ", model_f16.safetensors" } else { "" },
+        effdet::onnx::OPSET,
+        onnx.image_size,
+        onnx.image_size,
         t.cfg.input_size,
         t.cfg.input_size,
     );

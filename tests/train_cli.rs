@@ -82,6 +82,7 @@ fn training_writes_its_artefacts_and_resumes_exactly() {
     ));
     for f in [
         "model.safetensors",
+        "model.onnx",
         "labels.txt",
         "metrics.csv",
         "curves.svg",
