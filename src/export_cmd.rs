@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use effdet::Error;
-use effdet::onnx::{BatchDim, ExportOptions, OPSET, export};
+use effdet::onnx::{BatchDim, ExportOptions, OPSET, PostprocessGraph, export};
 
 #[derive(clap::Args)]
 pub struct ExportArgs {
@@ -24,6 +24,12 @@ pub struct ExportArgs {
     /// top of a TensorRT optimisation profile) [default: dynamic, MAX 32].
     #[arg(long, value_name = "MAX")]
     dynamic_batch: Option<usize>,
+    /// What follows the network: `none` (the ten raw head outputs class_3..7, box_3..7) or
+    /// `onnx` (top-k, decoding, clipping and per-class NMS in standard ONNX ops, with the four
+    /// outputs of TensorRT's EfficientNMS_TRT: num_detections, detection_boxes,
+    /// detection_scores, detection_classes) [default: none].
+    #[arg(long, value_name = "KIND", default_value = "none")]
+    postprocess: PostprocessGraph,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -39,6 +45,7 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
     let opts = ExportOptions {
         input_size: a.size,
         batch,
+        postprocess: a.postprocess,
     };
     let report = match export(&a.weights, &a.out, &opts) {
         Ok(r) => r,
@@ -47,6 +54,12 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
             anyhow::bail!("cannot write {}: {source}", path.display())
         }
         Err(e) => return Err(e.into()),
+    };
+    let outputs = match a.postprocess {
+        PostprocessGraph::None => "class_3..7 / box_3..7",
+        PostprocessGraph::Onnx => {
+            "num_detections / detection_boxes / detection_scores / detection_classes"
+        }
     };
     let batch_text = match batch {
         BatchDim::Fixed(n) => n.to_string(),
@@ -61,6 +74,7 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
                 "image_size": report.image_size,
                 "num_classes": report.num_classes,
                 "batch": batch_text,
+                "outputs": outputs,
                 "nodes": report.nodes,
                 "initializers": report.initializers,
                 "bytes": report.bytes,
@@ -69,7 +83,7 @@ pub fn run(a: ExportArgs) -> anyhow::Result<()> {
     } else {
         println!(
             "wrote {} ({:.1} MB, opset {OPSET}): input images [{batch_text}, 3, {s}, {s}], \
-             outputs class_3..7 / box_3..7, {} classes, {} nodes, {} initializers",
+             outputs {outputs}, {} classes, {} nodes, {} initializers",
             a.out.display(),
             report.bytes as f64 / 1e6,
             report.num_classes,

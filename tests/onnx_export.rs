@@ -314,3 +314,103 @@ fn bad_exports_fail_clearly_and_leave_no_file_behind() {
     );
     assert_eq!(std::fs::read(&existing).unwrap(), b"previous model");
 }
+
+/// `--postprocess onnx` on square frames (where the CPU's clip to the image is the clip to the
+/// network input): ONNX Runtime's detections are ours, in our order: class equal, score within
+/// 1e-5, box within 0.01 px. Two candidates whose scores are within 1e-5 may swap places (their
+/// order rests on float32 rounding), and at the 100-detection cut-off a near-tie (within 1e-4
+/// of the last score) may swap which one is kept.
+#[test]
+fn the_postprocessed_export_gives_our_detections() {
+    let Some(py) = python("the_postprocessed_export_gives_our_detections") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let weights = root().join("models/effdet-d0-shapes256.safetensors");
+    let model = dir.path().join("post.onnx");
+    let out = effdet(&[
+        "export",
+        "--weights",
+        weights.to_str().unwrap(),
+        "--out",
+        model.to_str().unwrap(),
+        "--size",
+        "256",
+        "--postprocess",
+        "onnx",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cpu = cpu_detector(&weights, Some(256));
+    let renders: Vec<_> = (0..3)
+        .map(|i| effdet::synth::render_dataset_image(1, effdet::synth::Split::Val, i, 256))
+        .collect();
+    let frames: Vec<Frame> = renders
+        .iter()
+        .map(|r| Frame::packed(effdet::PixelFormat::Rgb, r.width, r.height, &r.rgb).unwrap())
+        .collect();
+    let (input, _) = cpu.preprocess(&frames).unwrap();
+    let ours = cpu.detect_batch(&frames).unwrap();
+    write_f32(&dir.path().join("input.bin"), input.data());
+    let case = serde_json::json!({"input": {"file": "input.bin", "shape": input.shape()}});
+    std::fs::write(dir.path().join("case.json"), case.to_string()).unwrap();
+    let run = Command::new(&py)
+        .arg(root().join("tools/onnx_check.py"))
+        .arg(&model)
+        .arg(dir.path().join("case.json"))
+        .arg("--dump")
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert_eq!(
+        report["inputs"]["images"],
+        serde_json::json!(["N", 3, 256, 256])
+    );
+    let v = &report["values"];
+    let f = |x: &serde_json::Value| x.as_f64().unwrap() as f32;
+    let mut swaps = 0;
+    for (img, mine) in ours.iter().enumerate() {
+        let n = v["num_detections"][img][0].as_u64().unwrap() as usize;
+        assert_eq!(n, mine.len(), "image {img}: detection count");
+        let theirs: Vec<(u32, f32, [f32; 4])> = (0..n)
+            .map(|j| {
+                let b = &v["detection_boxes"][img][j];
+                (
+                    v["detection_classes"][img][j].as_u64().unwrap() as u32 + 1,
+                    f(&v["detection_scores"][img][j]),
+                    [f(&b[0]), f(&b[1]), f(&b[2]), f(&b[3])],
+                )
+            })
+            .collect();
+        let same = |d: &effdet::Detection, t: &(u32, f32, [f32; 4])| {
+            let b = [d.x1, d.y1, d.x2, d.y2];
+            t.0 == d.class_id
+                && (t.1 - d.score).abs() <= 1e-5
+                && b.iter().zip(&t.2).all(|(x, y)| (x - y).abs() <= 0.01)
+        };
+        let cutoff = mine.last().map_or(0.0, |d| d.score);
+        for (j, d) in mine.iter().enumerate() {
+            if same(d, &theirs[j]) {
+                continue;
+            }
+            swaps += 1;
+            let near_tie = (theirs[j].1 - d.score).abs() <= 1e-5;
+            let elsewhere = theirs.iter().any(|t| same(d, t));
+            assert!(
+                (near_tie && elsewhere) || (d.score - cutoff).abs() <= 1e-4,
+                "image {img} detection {j}: ours {d:?}, ONNX Runtime's {:?}",
+                theirs[j]
+            );
+        }
+    }
+    eprintln!("{swaps} near-tie position(s) of 300 differ");
+    assert!(swaps <= 6, "{swaps} near-tie swaps");
+}

@@ -2,7 +2,7 @@
 """Checks an ONNX file written by `effdet export` with ONNX's own tools and runs it with ONNX
 Runtime against our engine's outputs (tests/onnx_export.rs).
 
-Usage: onnx_check.py MODEL.onnx CASE.json [--reference]
+Usage: onnx_check.py MODEL.onnx CASE.json [--reference | --dump]
 
 CASE.json: {"input": {"file": F, "shape": [...]}, "outputs": {NAME: {"file": F, "shape":
 [...]}, ...}} with raw little-endian float32 files beside it (what our CPU engine computed).
@@ -12,7 +12,9 @@ Runtime's CPU provider (all graph optimisations, 2 intra-op threads) on the inpu
 --reference also ONNX's reference evaluator (onnx.reference: every op as its specification
 defines it, in numpy float32), and prints one JSON object: the opset, the metadata, the input
 and output names and shapes ONNX Runtime sees, and per output and runtime the relative L2 error
-against ours and the largest absolute difference. Exit status 0 unless a tool fails.
+against ours and the largest absolute difference. With --dump (CASE.json then needs only the
+input) it prints ONNX Runtime's outputs themselves instead, as lists. Exit status 0 unless a
+tool fails.
 """
 import json
 import os
@@ -48,6 +50,10 @@ def main():
         "outputs": {},
         "metadata": {p.key: p.value for p in model.metadata_props},
     }
+    if "--dump" in sys.argv[3:]:
+        result["values"] = {name: v.tolist() for name, v in got.items()}
+        print(json.dumps(result))
+        return
     runs = {"onnxruntime": got}
     if "--reference" in sys.argv[3:]:
         from onnx.reference import ReferenceEvaluator

@@ -16,6 +16,11 @@
 //! nearest upsampling as `Resize` (`asymmetric`, `floor`: PyTorch's `nearest`) to sizes built
 //! from the input's own batch, so a dynamic batch works.
 //!
+//! With [`PostprocessGraph::Onnx`] the graph goes on to detections (`postprocess_graph`): the
+//! steps of [`crate::postprocess`] in standard ops, ending in the four outputs of TensorRT's
+//! `EfficientNMS_TRT` (`num_detections`, `detection_boxes`, `detection_scores`,
+//! `detection_classes`).
+//!
 //! The protobuf messages are `prost` structs over ONNX's field numbers ([`proto`]); `prost` is
 //! a small, well-kept pure-Rust protobuf runtime, and the hand-written subset needs no `protoc`
 //! at build time.
@@ -49,6 +54,32 @@ pub enum BatchDim {
     Dynamic { max: usize },
 }
 
+/// What follows the network in the exported graph.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PostprocessGraph {
+    /// Nothing: the ten raw head outputs.
+    #[default]
+    None,
+    /// Top-k, box decoding against the anchors, clipping and per-class hard NMS in standard
+    /// ONNX ops (`TopK`, `NonMaxSuppression`, gathers): the four outputs of TensorRT's
+    /// `EfficientNMS_TRT` (`num_detections`, `detection_boxes`, `detection_scores`,
+    /// `detection_classes`).
+    Onnx,
+}
+
+impl std::str::FromStr for PostprocessGraph {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "none" => Ok(PostprocessGraph::None),
+            "onnx" => Ok(PostprocessGraph::Onnx),
+            other => Err(Error::InvalidArgument(format!(
+                "--postprocess {other}: expected none or onnx"
+            ))),
+        }
+    }
+}
+
 /// What to export.
 #[derive(Clone, Debug)]
 pub struct ExportOptions {
@@ -56,6 +87,7 @@ pub struct ExportOptions {
     /// trained at (metadata `effdet.image_size`), else 512.
     pub input_size: Option<usize>,
     pub batch: BatchDim,
+    pub postprocess: PostprocessGraph,
 }
 
 impl Default for ExportOptions {
@@ -63,6 +95,7 @@ impl Default for ExportOptions {
         ExportOptions {
             input_size: None,
             batch: BatchDim::Dynamic { max: 32 },
+            postprocess: PostprocessGraph::None,
         }
     }
 }
@@ -171,6 +204,46 @@ impl OnnxRecorder {
             ..Default::default()
         });
         Value { name: out, shape }
+    }
+
+    /// Appends `op(inputs)` with `outputs` new values (shapes for bookkeeping only).
+    fn node_n(
+        &self,
+        op: &str,
+        inputs: &[&str],
+        attrs: Vec<AttributeProto>,
+        shapes: Vec<Vec<usize>>,
+    ) -> Vec<Value> {
+        let outs: Vec<Value> = shapes
+            .into_iter()
+            .map(|shape| Value {
+                name: self.fresh("t"),
+                shape,
+            })
+            .collect();
+        self.graph().nodes.push(NodeProto {
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: outs.iter().map(|v| v.name.clone()).collect(),
+            name: format!("{op}_{}", outs[0].name),
+            op_type: op.into(),
+            attribute: attrs,
+            ..Default::default()
+        });
+        outs
+    }
+
+    fn const_i64(&self, v: &[i64]) -> Value {
+        let raw = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.initializer("c", &[v.len()], data_type::INT64, raw)
+    }
+
+    fn const_f32(&self, dims: &[usize], v: &[f32]) -> Value {
+        self.initializer("c", dims, data_type::FLOAT, f32_bytes(v))
+    }
+
+    fn op(&self, op: &str, inputs: &[&Value], attrs: Vec<AttributeProto>) -> Value {
+        let names: Vec<&str> = inputs.iter().map(|v| v.name.as_str()).collect();
+        self.node(op, &names, attrs, inputs[0].shape.clone())
     }
 
     fn initializer(&self, prefix: &str, dims: &[usize], data_type: i32, raw: Vec<u8>) -> Value {
@@ -406,7 +479,214 @@ impl Backend for OnnxRecorder {
     }
 }
 
+/// Appends the post-processing to the graph: the same steps as [`crate::postprocess`] (top-k
+/// over all levels' logits with lower flat index first on ties, box decoding against the
+/// anchors, clipping to the network input, sigmoid, per-class hard NMS, the best
+/// `max_detections` in score order), returning `num_detections` (int32 `[N, 1]`),
+/// `detection_boxes` (`[N, K, 4]`, x1 y1 x2 y2 in network-input pixels), `detection_scores`
+/// (`[N, K]`) and `detection_classes` (int32 `[N, K]`, 0-based); entries past
+/// `num_detections` are 0. The clip is to the whole input (what the CPU does for a square
+/// frame; for a letterboxed non-square frame the CPU clips to the image part).
+fn postprocess_graph(
+    rec: &OnnxRecorder,
+    outs: &[crate::model::LevelOutputs<Value>],
+    config: &EfficientDetConfig,
+    post: &crate::postprocess::PostprocessConfig,
+) -> Result<[Value; 4]> {
+    use crate::postprocess::{AnchorConfig, Anchors};
+    let anchors = Anchors::new(&AnchorConfig {
+        min_level: config.min_level,
+        max_level: config.max_level,
+        num_scales: config.num_scales,
+        aspect_ratios: config.aspect_ratios.clone(),
+        anchor_scale: config.anchor_scale,
+        image_size: config.image_size,
+    })?;
+    let c = config.num_classes;
+    let a_total = anchors.len();
+    let n_logits = a_total * c;
+    let k = post.max_detection_points.min(n_logits).max(1);
+    let kd = post.max_detections.min(c * k).max(1);
+    let size = config.image_size.0 as f32;
+    // Every level to [N, H*W*A, C] / [N, H*W*A, 4] (channel = anchor * C + class), concatenated.
+    let flat = |v: &Value, per: usize| {
+        let t = rec.op("Transpose", &[v], vec![attr_ints("perm", &[0, 2, 3, 1])]);
+        let shape = rec.const_i64(&[0, -1, per as i64]);
+        rec.op("Reshape", &[&t, &shape], vec![])
+    };
+    let cls: Vec<Value> = outs.iter().map(|o| flat(&o.class, c)).collect();
+    let cod: Vec<Value> = outs.iter().map(|o| flat(&o.boxes, 4)).collect();
+    let concat = |vs: &[Value]| {
+        let r: Vec<&Value> = vs.iter().collect();
+        rec.op("Concat", &r, vec![attr_int("axis", 1)])
+    };
+    let (logits, codes) = (concat(&cls), concat(&cod));
+    // Top-k of the flattened logits (sorted; equal values: lower index first, as ours).
+    let logits = rec.op("Reshape", &[&logits, &rec.const_i64(&[0, -1])], vec![]);
+    let kk = rec.const_i64(&[k as i64]);
+    let top = rec.node_n(
+        "TopK",
+        &[&logits.name, &kk.name],
+        vec![
+            attr_int("axis", 1),
+            attr_int("largest", 1),
+            attr_int("sorted", 1),
+        ],
+        vec![vec![0, k], vec![0, k]],
+    );
+    let (values, index) = (&top[0], &top[1]);
+    let cc = rec.const_i64(&[c as i64]);
+    let anchor = rec.op("Div", &[index, &cc], vec![]);
+    let class = rec.op("Mod", &[index, &cc], vec![]);
+    // The candidates' codes and anchors, [N, k, 4].
+    let by4 = |idx: &Value| {
+        let u = rec.op("Unsqueeze", &[idx, &rec.const_i64(&[2])], vec![]);
+        rec.op("Expand", &[&u, &rec.const_i64(&[1, 1, 4])], vec![])
+    };
+    let code = rec.op(
+        "GatherElements",
+        &[&codes, &by4(&anchor)],
+        vec![attr_int("axis", 1)],
+    );
+    let table: Vec<f32> = anchors.boxes().iter().flatten().copied().collect();
+    let table = rec.const_f32(&[a_total, 4], &table);
+    let anc = rec.op("Gather", &[&table, &anchor], vec![attr_int("axis", 0)]);
+    // decode_box, op for op: anchors are y1 x1 y2 x2, codes ty tx th tw.
+    let split = |v: &Value| {
+        let shapes = vec![vec![0, k, 1]; 4];
+        rec.node_n("Split", &[&v.name], vec![attr_int("axis", 2)], shapes)
+    };
+    let (a4, c4) = (split(&anc), split(&code));
+    let two = rec.const_f32(&[], &[2.0]);
+    let bin = |op: &str, x: &Value, y: &Value| rec.op(op, &[x, y], vec![]);
+    let yca = bin("Div", &bin("Add", &a4[0], &a4[2]), &two);
+    let xca = bin("Div", &bin("Add", &a4[1], &a4[3]), &two);
+    let ha = bin("Sub", &a4[2], &a4[0]);
+    let wa = bin("Sub", &a4[3], &a4[1]);
+    let w = bin("Mul", &rec.op("Exp", &[&c4[3]], vec![]), &wa);
+    let h = bin("Mul", &rec.op("Exp", &[&c4[2]], vec![]), &ha);
+    let yc = bin("Add", &bin("Mul", &c4[0], &ha), &yca);
+    let xc = bin("Add", &bin("Mul", &c4[1], &wa), &xca);
+    let (w2, h2) = (bin("Div", &w, &two), bin("Div", &h, &two));
+    let (lo, hi) = (rec.const_f32(&[], &[0.0]), rec.const_f32(&[], &[size]));
+    let clip = |v: Value| rec.op("Clip", &[&v, &lo, &hi], vec![]);
+    let x1 = clip(bin("Sub", &xc, &w2));
+    let y1 = clip(bin("Sub", &yc, &h2));
+    let x2 = clip(bin("Add", &xc, &w2));
+    let y2 = clip(bin("Add", &yc, &h2));
+    let boxes = rec.op("Concat", &[&x1, &y1, &x2, &y2], vec![attr_int("axis", 2)]);
+    let scores = rec.op("Sigmoid", &[values], vec![]);
+    // Per-class scores [N, C, k]: the candidate's score in its class, -1 elsewhere (below the
+    // NMS score threshold of -0.5, so only real candidates take part).
+    let onehot = rec.op(
+        "OneHot",
+        &[
+            &class,
+            &rec.const_i64(&[c as i64]),
+            &rec.const_f32(&[2], &[0.0, 1.0]),
+        ],
+        vec![attr_int("axis", -1)],
+    );
+    let s3 = rec.op("Unsqueeze", &[&scores, &rec.const_i64(&[2])], vec![]);
+    let one = rec.const_f32(&[], &[1.0]);
+    let masked = bin("Add", &bin("Mul", &s3, &onehot), &bin("Sub", &onehot, &one));
+    let masked = rec.op("Transpose", &[&masked], vec![attr_ints("perm", &[0, 2, 1])]);
+    let selected = rec.op(
+        "NonMaxSuppression",
+        &[
+            &boxes,
+            &masked,
+            &rec.const_i64(&[post.max_detections as i64]),
+            &rec.const_f32(&[1], &[post.iou_threshold]),
+            &rec.const_f32(&[1], &[-0.5]),
+        ],
+        vec![attr_int("center_point_box", 0)],
+    );
+    // The kept candidates' scores back in a [N, C, k] grid of -1, then the best kd per image.
+    let kept = rec.op("GatherND", &[&masked, &selected], vec![]);
+    let minus1 = rec.op(
+        "Sub",
+        &[&rec.op("Mul", &[&masked, &lo], vec![]), &one],
+        vec![],
+    );
+    let grid = rec.op("ScatterND", &[&minus1, &selected, &kept], vec![]);
+    let grid = rec.op("Reshape", &[&grid, &rec.const_i64(&[0, -1])], vec![]);
+    let kdv = rec.const_i64(&[kd as i64]);
+    let best = rec.node_n(
+        "TopK",
+        &[&grid.name, &kdv.name],
+        vec![
+            attr_int("axis", 1),
+            attr_int("largest", 1),
+            attr_int("sorted", 1),
+        ],
+        vec![vec![0, kd], vec![0, kd]],
+    );
+    let (best_score, best_index) = (&best[0], &best[1]);
+    let kk1 = rec.const_i64(&[k as i64]);
+    let det_class = rec.op("Div", &[best_index, &kk1], vec![]);
+    let det_cand = rec.op("Mod", &[best_index, &kk1], vec![]);
+    let det_boxes = rec.op(
+        "GatherElements",
+        &[&boxes, &by4(&det_cand)],
+        vec![attr_int("axis", 1)],
+    );
+    let valid = rec.op(
+        "Greater",
+        &[best_score, &rec.const_f32(&[], &[-0.5])],
+        vec![],
+    );
+    let to_i32 = |v: &Value| {
+        rec.op(
+            "Cast",
+            &[v],
+            vec![attr_int("to", i64::from(data_type::INT32))],
+        )
+    };
+    let zero = rec.const_f32(&[], &[0.0]);
+    let zero_i = rec.initializer("c", &[], data_type::INT32, 0i32.to_le_bytes().to_vec());
+    let num = rec.op(
+        "ReduceSum",
+        &[&to_i32(&valid), &rec.const_i64(&[1])],
+        vec![attr_int("keepdims", 1)],
+    );
+    let scores_out = rec.op("Where", &[&valid, best_score, &zero], vec![]);
+    let valid3 = rec.op("Unsqueeze", &[&valid, &rec.const_i64(&[2])], vec![]);
+    let boxes_out = rec.op("Where", &[&valid3, &det_boxes, &zero], vec![]);
+    let classes_out = rec.op("Where", &[&valid, &to_i32(&det_class), &zero_i], vec![]);
+    let n = outs
+        .first()
+        .map_or(1, |o| o.class.shape.first().copied().unwrap_or(1));
+    Ok([
+        Value {
+            shape: vec![n, 1],
+            ..num
+        },
+        Value {
+            shape: vec![n, kd, 4],
+            ..boxes_out
+        },
+        Value {
+            shape: vec![n, kd],
+            ..scores_out
+        },
+        Value {
+            shape: vec![n, kd],
+            ..classes_out
+        },
+    ])
+}
+
 fn value_info(name: &str, batch: &Dimension, rest: &[usize]) -> ValueInfoProto {
+    typed_value_info(name, data_type::FLOAT, batch, rest)
+}
+
+fn typed_value_info(
+    name: &str,
+    elem_type: i32,
+    batch: &Dimension,
+    rest: &[usize],
+) -> ValueInfoProto {
     let mut dim = vec![batch.clone()];
     dim.extend(rest.iter().map(|&d| Dimension {
         value: Some(DimensionValue::DimValue(d as i64)),
@@ -415,7 +695,7 @@ fn value_info(name: &str, batch: &Dimension, rest: &[usize]) -> ValueInfoProto {
         name: name.into(),
         r#type: Some(TypeProto {
             tensor_type: Some(TypeProtoTensor {
-                elem_type: data_type::FLOAT,
+                elem_type,
                 shape: Some(TensorShapeProto { dim }),
             }),
         }),
@@ -444,12 +724,33 @@ pub fn model_bytes(store: &WeightStore, opts: &ExportOptions) -> Result<(Vec<u8>
     let input = rec.input(record_batch, size);
     let outs = model.forward(&rec, &input)?;
     let mut outputs = Vec::new();
-    for (i, o) in outs.iter().enumerate() {
-        let level = config.min_level + i;
-        for (kind, v) in [("class", &o.class), ("box", &o.boxes)] {
-            let name = format!("{kind}_{level}");
-            rec.rename(v, &name);
-            outputs.push(value_info(&name, &batch, &v.shape[1..]));
+    let post = crate::postprocess::PostprocessConfig {
+        num_classes: config.num_classes,
+        ..Default::default()
+    };
+    match opts.postprocess {
+        PostprocessGraph::None => {
+            for (i, o) in outs.iter().enumerate() {
+                let level = config.min_level + i;
+                for (kind, v) in [("class", &o.class), ("box", &o.boxes)] {
+                    let name = format!("{kind}_{level}");
+                    rec.rename(v, &name);
+                    outputs.push(value_info(&name, &batch, &v.shape[1..]));
+                }
+            }
+        }
+        PostprocessGraph::Onnx => {
+            let dets = postprocess_graph(&rec, &outs, &config, &post)?;
+            let names = [
+                ("num_detections", data_type::INT32),
+                ("detection_boxes", data_type::FLOAT),
+                ("detection_scores", data_type::FLOAT),
+                ("detection_classes", data_type::INT32),
+            ];
+            for (v, (name, ty)) in dets.iter().zip(names) {
+                rec.rename(v, name);
+                outputs.push(typed_value_info(name, ty, &batch, &v.shape[1..]));
+            }
         }
     }
     let g = rec.g.into_inner().unwrap_or_else(|e| e.into_inner());
@@ -474,6 +775,17 @@ pub fn model_bytes(store: &WeightStore, opts: &ExportOptions) -> Result<(Vec<u8>
                 .to_string(),
         ),
     ];
+    if opts.postprocess == PostprocessGraph::Onnx {
+        meta.push((
+            "effdet.postprocess".to_string(),
+            format!(
+                "onnx: top {} logits, decode, clip to the input, sigmoid, per-class NMS at IoU > \
+                 {}, the best {} (EfficientNMS_TRT's outputs; boxes x1 y1 x2 y2 in input pixels, \
+                 classes 0-based)",
+                post.max_detection_points, post.iou_threshold, post.max_detections
+            ),
+        ));
+    }
     if let Some(labels) = store.metadata().get(META_LABELS) {
         meta.push((META_LABELS.to_string(), labels.clone()));
     }
