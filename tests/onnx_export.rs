@@ -57,6 +57,39 @@ fn effdet(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// `effdet export --weights W --out OUT EXTRA...`, which must succeed; its standard output.
+fn export_ok(weights: &Path, out: &Path, extra: &[&str]) -> String {
+    let mut args = vec![
+        "export",
+        "--weights",
+        weights.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let run = effdet(&args);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    String::from_utf8_lossy(&run.stdout).into_owned()
+}
+
+/// Held-out shapes images (square, 256x256) for the bundled model.
+fn shapes_renders(n: u64) -> Vec<effdet::synth::SynthImage> {
+    (0..n)
+        .map(|i| effdet::synth::render_dataset_image(1, effdet::synth::Split::Val, i, 256))
+        .collect()
+}
+
+fn frames_of(renders: &[effdet::synth::SynthImage]) -> Vec<Frame<'_>> {
+    renders
+        .iter()
+        .map(|r| Frame::packed(effdet::PixelFormat::Rgb, r.width, r.height, &r.rgb).unwrap())
+        .collect()
+}
+
 fn write_f32(path: &Path, v: &[f32]) {
     let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
     std::fs::write(path, bytes).unwrap();
@@ -144,22 +177,8 @@ fn the_exported_golden_model_matches_our_cpu_engine_in_onnx_runtime_at_batch_1_a
     let dir = tempfile::tempdir().unwrap();
     let weights = root().join("tests/fixtures/golden/weights_f16.safetensors");
     let model = dir.path().join("d0.onnx");
-    let out = effdet(&[
-        "export",
-        "--weights",
-        weights.to_str().unwrap(),
-        "--out",
-        model.to_str().unwrap(),
-        "--dynamic-batch",
-        "8",
-        "--json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let printed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let out = export_ok(&weights, &model, &["--dynamic-batch", "8", "--json"]);
+    let printed: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(printed["image_size"], 512);
     assert_eq!(printed["num_classes"], 90);
     assert_eq!(printed["opset"], 17);
@@ -204,32 +223,11 @@ fn the_bundled_model_exports_at_another_size_with_a_fixed_batch_and_its_labels()
     let dir = tempfile::tempdir().unwrap();
     let weights = root().join("models/effdet-d0-shapes256.safetensors");
     let model = dir.path().join("shapes.onnx");
-    let out = effdet(&[
-        "export",
-        "--weights",
-        weights.to_str().unwrap(),
-        "--out",
-        model.to_str().unwrap(),
-        "--size",
-        "256",
-        "--batch",
-        "2",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = export_ok(&weights, &model, &["--size", "256", "--batch", "2"]);
     assert!(text.contains("images [2, 3, 256, 256]"), "{text}");
     let cpu = cpu_detector(&weights, Some(256));
-    let renders: Vec<_> = (0..2)
-        .map(|i| effdet::synth::render_dataset_image(1, effdet::synth::Split::Val, i, 256))
-        .collect();
-    let frames: Vec<Frame> = renders
-        .iter()
-        .map(|r| Frame::packed(effdet::PixelFormat::Rgb, r.width, r.height, &r.rgb).unwrap())
-        .collect();
+    let renders = shapes_renders(2);
+    let frames = frames_of(&renders);
     let (input, _) = cpu.preprocess(&frames).unwrap();
     let ours = cpu.forward(&input).unwrap();
     let report = check_with_ort(&py, dir.path(), &model, &input, &ours, true);
@@ -328,30 +326,14 @@ fn the_postprocessed_export_gives_our_detections() {
     let dir = tempfile::tempdir().unwrap();
     let weights = root().join("models/effdet-d0-shapes256.safetensors");
     let model = dir.path().join("post.onnx");
-    let out = effdet(&[
-        "export",
-        "--weights",
-        weights.to_str().unwrap(),
-        "--out",
-        model.to_str().unwrap(),
-        "--size",
-        "256",
-        "--postprocess",
-        "onnx",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    export_ok(
+        &weights,
+        &model,
+        &["--size", "256", "--postprocess", "onnx"],
     );
     let cpu = cpu_detector(&weights, Some(256));
-    let renders: Vec<_> = (0..3)
-        .map(|i| effdet::synth::render_dataset_image(1, effdet::synth::Split::Val, i, 256))
-        .collect();
-    let frames: Vec<Frame> = renders
-        .iter()
-        .map(|r| Frame::packed(effdet::PixelFormat::Rgb, r.width, r.height, &r.rgb).unwrap())
-        .collect();
+    let renders = shapes_renders(3);
+    let frames = frames_of(&renders);
     let (input, _) = cpu.preprocess(&frames).unwrap();
     let ours = cpu.detect_batch(&frames).unwrap();
     write_f32(&dir.path().join("input.bin"), input.data());
@@ -413,4 +395,25 @@ fn the_postprocessed_export_gives_our_detections() {
     }
     eprintln!("{swaps} near-tie position(s) of 300 differ");
     assert!(swaps <= 6, "{swaps} near-tie swaps");
+}
+
+/// models/ ships the bundled model's ONNX (raw outputs, its trained size 384, dynamic batch);
+/// it must be exactly what `effdet export` writes from the shipped weights today, so a retrained
+/// model cannot ship with a stale export.
+#[test]
+fn the_shipped_onnx_is_the_current_export_of_the_bundled_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let fresh = dir.path().join("fresh.onnx");
+    let weights = root().join("models/effdet-d0-shapes256.safetensors");
+    let report =
+        effdet::onnx::export(&weights, &fresh, &effdet::onnx::ExportOptions::default()).unwrap();
+    assert_eq!((report.image_size, report.num_classes), (384, 6));
+    let shipped = root().join("models/effdet-d0-shapes256.onnx");
+    assert!(
+        std::fs::read(&shipped).ok() == Some(std::fs::read(&fresh).unwrap()),
+        "{} is not the export of the shipped weights; regenerate it with \
+         `effdet export --weights models/effdet-d0-shapes256.safetensors --out \
+         models/effdet-d0-shapes256.onnx`",
+        shipped.display()
+    );
 }

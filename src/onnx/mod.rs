@@ -805,10 +805,15 @@ pub fn model_bytes(store: &WeightStore, opts: &ExportOptions) -> Result<(Vec<u8>
         producer_name: "effdet-rs".into(),
         producer_version: env!("CARGO_PKG_VERSION").into(),
         model_version: 1,
+        // The weights' file name, not its path: the same weights export to the same bytes
+        // wherever they are (models/ ships an export that a test regenerates).
         doc_string: format!(
             "EfficientDet-D0 ({} classes, input {size}x{size}), exported by effdet-rs from {}",
             config.num_classes,
-            store.path().display()
+            store
+                .path()
+                .file_name()
+                .map_or("weights".into(), |f| f.to_string_lossy())
         ),
         graph: Some(GraphProto {
             node: g.nodes,
