@@ -500,3 +500,44 @@ fn out_of_range_arguments() {
     ]);
     assert_fails(&o, 1, "no/labels.txt");
 }
+
+/// Every flag of every subcommand has a help line (and says its default once: clap's
+/// `[default: ...]` where the flag has one, the text where a config or the weights decide).
+#[test]
+fn every_flag_of_every_subcommand_has_help() {
+    for sub in [
+        "detect",
+        "bench",
+        "loss",
+        "train",
+        "bench-data",
+        "bench-train",
+        "synth",
+        "eval",
+        "export",
+    ] {
+        let out = effdet(&[sub, "--help"]);
+        assert!(out.status.success(), "{sub} --help");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut flags = 0;
+        for line in text.lines().filter(|l| l.trim_start().starts_with('-')) {
+            flags += 1;
+            let help = line
+                .trim()
+                .split("  ")
+                .filter(|p| !p.trim().is_empty())
+                .nth(1);
+            assert!(
+                help.is_some_and(|h| !h.trim().is_empty()),
+                "{sub}: `{}` has no help text",
+                line.trim()
+            );
+            assert!(
+                line.matches("[default:").count() <= 1,
+                "{sub}: `{}` states its default twice",
+                line.trim()
+            );
+        }
+        assert!(flags >= 3, "{sub}: {flags} flags found in:\n{text}");
+    }
+}

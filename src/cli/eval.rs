@@ -53,7 +53,7 @@ pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
         (None, Some(w), Some(dir)) => {
             let store = effdet::model::WeightStore::open(w)?;
             let (stats, dets) =
-                crate::eval_model::evaluate_weights(&store, &gt, dir, a.size, a.threads)?;
+                super::eval_model::evaluate_weights(&store, &gt, dir, a.size, a.threads)?;
             if let Some(out) = &a.detections_out {
                 let json = serde_json::to_string(dets.items()).context("serialising detections")?;
                 std::fs::write(out, json).map_err(|e| Error::Write {

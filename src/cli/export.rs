@@ -27,7 +27,7 @@ pub struct ExportArgs {
     /// What follows the network: `none` (the ten raw head outputs class_3..7, box_3..7) or
     /// `onnx` (top-k, decoding, clipping and per-class NMS in standard ONNX ops, with the four
     /// outputs of TensorRT's EfficientNMS_TRT: num_detections, detection_boxes,
-    /// detection_scores, detection_classes) [default: none].
+    /// detection_scores, detection_classes).
     #[arg(long, value_name = "KIND", default_value = "none")]
     postprocess: PostprocessGraph,
     /// Print one JSON object instead of text.

@@ -44,49 +44,69 @@ pub struct TrainArgs {
     #[arg(long, value_name = "FILE")]
     pub resume: Option<PathBuf>,
     /// JSON file with any training settings (field names of `TrainConfig`); flags override it.
+    /// The defaults below are those of the recipe, used where neither gives a value.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Turn every skipped annotation or image into an error.
     #[arg(long)]
     pub strict: bool,
+    /// Square network input size, a multiple of 128 (images are letterboxed to it)
+    /// [default: 512].
     #[arg(long, value_name = "S")]
     pub size: Option<usize>,
+    /// Images per update [default: 8].
     #[arg(long, value_name = "B")]
     pub batch: Option<usize>,
+    /// Epochs of the cosine schedule [default: 300, the recipe's].
     #[arg(long, value_name = "N")]
     pub epochs: Option<u64>,
+    /// Peak learning rate [default: 0.08 x batch / 64, the recipe's SGD rate; for
+    /// --optimizer adamw give one, typically 0.001].
     #[arg(long, value_name = "LR")]
     pub lr: Option<f64>,
+    /// Epochs of linear warm-up from a tenth of the peak LR [default: 1].
     #[arg(long, value_name = "N")]
     pub warmup_epochs: Option<u64>,
-    /// `sgd` (the recipe) or `adamw`
+    /// `sgd` (the recipe: momentum 0.9, coupled weight decay) or `adamw` (decoupled weight
+    /// decay; learns far faster from scratch) [default: sgd].
     #[arg(long, value_name = "NAME")]
     pub optimizer: Option<String>,
+    /// Weight decay, on convolution weights only [default: 4e-5, the recipe's; typically 0.01
+    /// with adamw].
     #[arg(long, value_name = "WD")]
     pub weight_decay: Option<f64>,
+    /// Smallest random scale of the scale-jitter augmentation [default: 0.1].
     #[arg(long, value_name = "S")]
     pub scale_min: Option<f64>,
+    /// Largest random scale of the scale-jitter augmentation [default: 2.0].
     #[arg(long, value_name = "S")]
     pub scale_max: Option<f64>,
+    /// Clip the gradients' global L2 norm to this (0 = no clipping) [default: 10].
     #[arg(long, value_name = "C")]
     pub clip_grad: Option<f32>,
+    /// Drop-path (stochastic depth) rate of the backbone's last block [default: 0.2].
     #[arg(long, value_name = "P")]
     pub drop_path: Option<f32>,
+    /// Decay of the weights' exponential moving average (with TF's warm-up), which is what is
+    /// evaluated and written [default: 0.9998].
     #[arg(long, value_name = "D")]
     pub ema_decay: Option<f64>,
+    /// Data-loading worker threads (decode, augment, label) [default: 2].
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
+    /// Compute threads for the forward and backward passes (0 = one per core) [default: 0].
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+    /// Seed of the initial weights, the shuffling and the augmentation [default: 42].
     #[arg(long, value_name = "S")]
     pub seed: Option<u64>,
-    /// Evaluate every N epochs (0 = at the end only).
+    /// Evaluate every N epochs (0 = at the end only) [default: 1].
     #[arg(long, value_name = "N")]
     pub eval_every: Option<u64>,
-    /// Checkpoint every N updates as well as at epoch ends.
+    /// Checkpoint every N updates as well as at epoch ends (0 = epoch ends only) [default: 0].
     #[arg(long, value_name = "N")]
     pub checkpoint_every: Option<u64>,
-    /// Stop after N updates in total.
+    /// Stop after N updates in total [default: no limit, the epochs decide].
     #[arg(long, value_name = "N")]
     pub max_updates: Option<u64>,
     /// Normalise batch norms with their running statistics (inference mode) and keep those
@@ -220,7 +240,7 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
     let labels = dataset.labels_file();
     let dataset = Arc::new(dataset);
     let mut evaluator = match (&a.val_annotations, &a.val_images) {
-        (Some(ann), Some(dir)) => Some(crate::eval_model::evaluator(ann, dir, &trainer)?),
+        (Some(ann), Some(dir)) => Some(super::eval_model::evaluator(ann, dir, &trainer)?),
         _ => None,
     };
     let t0 = std::time::Instant::now();
