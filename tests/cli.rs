@@ -541,3 +541,100 @@ fn every_flag_of_every_subcommand_has_help() {
         assert!(flags >= 3, "{sub}: {flags} flags found in:\n{text}");
     }
 }
+
+/// `effdet bench --profile`: the CPU engine's time per op kind, section and layer, whose shares
+/// add up, with every part of the network named.
+#[test]
+fn bench_profile_names_every_section_and_op_kind() {
+    let weights = "tests/fixtures/golden/weights_f16.safetensors";
+    let out = effdet(&[
+        "bench",
+        "--weights",
+        weights,
+        "--backend",
+        "cpu",
+        "--threads",
+        "1",
+        "--size",
+        "128",
+        "--batch",
+        "1,2",
+        "--iters",
+        "2",
+        "--warmup",
+        "0",
+        "--profile",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let profiles: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v.get("profile").cloned())
+        .collect();
+    assert_eq!(profiles.len(), 2, "one profile per batch size:\n{text}");
+    for (p, batch) in profiles.iter().zip([1, 2]) {
+        assert_eq!(p["batch"], batch);
+        assert_eq!(p["passes"], 2);
+        let total = p["ms_per_pass"].as_f64().unwrap();
+        for group in ["by_kind", "by_section", "by_layer"] {
+            let sum: f64 = p[group]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["ms_per_pass"].as_f64().unwrap())
+                .sum();
+            assert!(
+                (sum - total).abs() <= 1e-6 * total.max(1.0),
+                "{group}: {sum} vs {total}"
+            );
+        }
+        let names = |group: &str| -> Vec<String> {
+            p[group]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["name"].as_str().unwrap().to_string())
+                .collect()
+        };
+        let sections = names("by_section");
+        for s in [
+            "stem",
+            "stage1",
+            "stage7",
+            "bifpn.p6p7",
+            "bifpn.cell3.node8",
+            "class_head",
+            "box_head",
+        ] {
+            assert!(
+                sections.iter().any(|n| n == s),
+                "section {s} missing: {sections:?}"
+            );
+        }
+        let kinds = names("by_kind");
+        for k in [
+            "pointwise",
+            "depthwise 5x5 s2 + swish",
+            "SE pool",
+            "conv 3x3 s2 + swish",
+        ] {
+            assert!(kinds.iter().any(|n| n == k), "kind {k} missing: {kinds:?}");
+        }
+    }
+    // The CUDA engine's kernels are profiled by ncu, not by this.
+    let out = effdet(&[
+        "bench",
+        "--weights",
+        weights,
+        "--backend",
+        "cuda",
+        "--profile",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+}

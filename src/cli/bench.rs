@@ -34,12 +34,25 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// After the timings, profile the network on the CPU engine at each batch size: time and
+    /// share per op kind (pointwise, depthwise 5x5 s2, SE, BiFPN fusion, ...), per section
+    /// (stem, stage1..7, each BiFPN node, heads) and the slowest layers, over --iters passes
+    /// (JSON: one `{"profile": ...}` line per batch size).
+    #[arg(long)]
+    pub profile: bool,
 }
 
 pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
     if a.batch.is_empty() || a.batch.contains(&0) || a.iters == 0 {
         anyhow::bail!(Error::InvalidArgument(
             "--batch sizes and --iters must be at least 1".into()
+        ));
+    }
+    if a.profile && a.model.backend == "cuda" {
+        anyhow::bail!(Error::InvalidArgument(
+            "--profile times the CPU engine's ops (the CUDA engine's kernels: ncu, see \
+             scripts/gpu/README.md)"
+                .into()
         ));
     }
     let detector = load_detector(
@@ -115,6 +128,29 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
                 1000.0 / n50,
                 1000.0 / e50
             );
+        }
+    }
+    if a.profile {
+        let store = effdet::model::WeightStore::open(&a.model.weights)?;
+        let config = effdet::detector::config_for_weights(
+            &store,
+            effdet::model::EfficientDetConfig::d0(),
+            a.model.size,
+        )?;
+        for &batch in &a.batch {
+            let (input, _) = detector.preprocess(&vec![frame.clone(); batch])?;
+            let p = effdet::compute::profile::profile_cpu(
+                &store,
+                config.clone(),
+                a.model.threads,
+                &input,
+                a.iters,
+            )?;
+            if a.json {
+                println!("{}", serde_json::json!({ "profile": p.to_json() }));
+            } else {
+                println!("\n{}", p.table(25));
+            }
         }
     }
     Ok(())

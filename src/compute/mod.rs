@@ -10,6 +10,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod profile;
 mod tensor;
 
 pub use tensor::Tensor;
@@ -133,6 +134,11 @@ pub trait Backend: Send + Sync {
 
     /// A short name: `cpu`, `cuda`, ...
     fn name(&self) -> &'static str;
+
+    /// The model code announces which part of the network the next ops belong to (`stem`,
+    /// `stage3`, `bifpn.cell2.node5`, `class_head`, ...). Engines ignore it; the profiler
+    /// ([`profile::Profiler`]) files its timings under it.
+    fn section(&self, _name: &str) {}
 
     /// Copies a host tensor (weights or an input batch) to the engine.
     fn upload(&self, t: &Tensor) -> Result<Self::Tensor>;

@@ -47,6 +47,11 @@ impl<B: Backend> MbConv<B> {
     }
 }
 
+/// Section names of the stages, for [`Backend::section`].
+const STAGES: [&str; 7] = [
+    "stage1", "stage2", "stage3", "stage4", "stage5", "stage6", "stage7",
+];
+
 pub(crate) struct Backbone<B: Backend> {
     stem: Conv<B>,
     stages: Vec<Vec<MbConv<B>>>,
@@ -163,8 +168,10 @@ impl<B: Backend> Backbone<B> {
         let mut feats: Vec<B::Tensor> = Vec::with_capacity(3);
         // `cur` is None right after a feature map was moved into `feats`: the next block then
         // reads it from there, so no tensor is ever copied.
+        be.section("stem");
         let mut cur = Some(self.stem.forward(be, x, None)?);
         for (si, blocks) in self.stages.iter().enumerate() {
+            be.section(STAGES.get(si).copied().unwrap_or("stage"));
             for b in blocks {
                 let input = cur.as_ref().or(feats.last()).ok_or(crate::Error::Shape {
                     op: "backbone",

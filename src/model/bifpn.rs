@@ -218,12 +218,15 @@ impl<B: Backend> BiFpn<B> {
             op: "bifpn",
             detail: "no backbone features".into(),
         })?;
+        be.section("bifpn.p6p7");
         let p6 = self.p6.forward(be, p5)?.into_owned("P6")?;
         let p7 = self.p7.forward(be, &p6)?.into_owned("P7")?;
         feats.push(p6);
         feats.push(p7);
-        for nodes in &self.cells {
-            for node in nodes {
+        for (ci, nodes) in self.cells.iter().enumerate() {
+            for (ni, node) in nodes.iter().enumerate() {
+                // A short string per node (24 a pass): nothing beside its convolutions.
+                be.section(&format!("bifpn.cell{}.node{}", ci + 1, ni + 1));
                 let resampled = node
                     .inputs
                     .iter()

@@ -82,7 +82,9 @@ impl<B: Backend> EfficientDet<B> {
             self.fpn.forward(backend, feats)?
         };
         let _s = tracing::debug_span!("heads").entered();
+        backend.section("class_head");
         let class = self.class_head.forward(backend, &feats)?;
+        backend.section("box_head");
         let boxes = self.box_head.forward(backend, &feats)?;
         Ok(class
             .into_iter()
