@@ -36,13 +36,17 @@ target/release/effdet export --weights "$WEIGHTS" --out "$tmp/model.onnx" >&2
 ours=$(target/release/effdet bench --weights "$WEIGHTS" --backend cpu --threads "$THREADS" \
   --batch "$BATCH" --iters "$ITERS" --warmup 3 --image "$IMAGE" --json)
 peer=$("$PY" bench/ort_cpu.py "$tmp/model.onnx" --batch "$BATCH" --threads "$THREADS" --iters "$ITERS")
+# Where our time goes, per op kind (effdet bench --profile), at the same batch sizes.
+prof=$(target/release/effdet bench --weights "$WEIGHTS" --backend cpu --threads "$THREADS" \
+  --batch "$BATCH" --iters 5 --warmup 1 --image "$IMAGE" --profile --json | grep '"profile"')
 
 mkdir -p bench/results
 out=bench/results/cpu_vs_ort-$(date -u +%Y-%m-%d)
-"$PY" - "$ours" "$peer" "$out" "$CMD" <<'PY'
+"$PY" - "$ours" "$peer" "$out" "$CMD" "$prof" <<'PY'
 import json, os, platform, subprocess, sys, datetime
 rows = lambda t: [json.loads(l) for l in t.splitlines() if l.startswith("{")]
 ours, peer, out, cmd = rows(sys.argv[1]), rows(sys.argv[2]), sys.argv[3], sys.argv[4]
+profiles = [r["profile"] for r in rows(sys.argv[5])]
 def sh(c):
     try: return subprocess.check_output(c, shell=True, text=True).strip()
     except Exception: return "unknown"
@@ -59,6 +63,7 @@ res = {
     "command": cmd,
     "machine": {"cpu": cpu, "flags": flags, "cores": os.cpu_count(), "os": platform.platform()},
     "rows": table,
+    "profile": profiles,
 }
 json.dump(res, open(out + ".json", "w"), indent=2)
 md = [f"# CPU: effdet-rs vs ONNX Runtime on our own export ({res['date']})", "",
@@ -73,6 +78,12 @@ for r in table:
     o, p = r["ours"], r["onnxruntime"]
     md.append(f"| {r['batch']} | {o['network_ms_median']:.1f} | {o['network_ms_p90']:.1f} | {p['network_ms_median']:.1f} | "
               f"{p['network_ms_p90']:.1f} | {r['ratio_network']:.2f} | {o['end_to_end_ms_median']:.1f} |")
+md += ["", "Where our network's time goes (`effdet bench --profile`, 5 passes; ms per pass and share, by op kind):", ""]
+for p in profiles:
+    md += [f"Batch {p['batch']}: {p['ms_per_pass']:.1f} ms per pass in the ops", "", "| op kind | calls | ms | share |", "|---|---|---|---|"]
+    for r in p["by_kind"]:
+        md.append(f"| {r['name']} | {r['calls']} | {r['ms_per_pass']:.1f} | {100 * r['ms_per_pass'] / p['ms_per_pass']:.1f}% |")
+    md.append("")
 open(out + ".md", "w").write("\n".join(md) + "\n")
 print("\n".join(md))
 PY
