@@ -476,10 +476,11 @@ fn timed_passes(
 /// op computes each image on its own.
 const CPU_MICRO_BATCH: usize = 1;
 
-/// The CPU network on `input`, [`CPU_MICRO_BATCH`] images at a time.
-fn cpu_forward(
-    backend: &CpuBackend,
-    model: &EfficientDet<CpuBackend>,
+/// The network of a host-tensor engine (the CPU, or the profiler around it) on `input`,
+/// [`CPU_MICRO_BATCH`] images at a time.
+pub(crate) fn cpu_forward<B: crate::compute::Backend<Tensor = Tensor>>(
+    backend: &B,
+    model: &EfficientDet<B>,
     input: &Tensor,
 ) -> Result<Vec<LevelOutputs<Tensor>>> {
     let n = input.shape().first().copied().unwrap_or(0);

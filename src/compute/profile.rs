@@ -300,7 +300,7 @@ impl Profile {
 
 /// Profiles `passes` forward passes of the network in `store` on the CPU engine (`threads`
 /// workers, 0 = one per core) on `input` (`[N, 3, S, S]`, as `Detector::preprocess` makes it),
-/// after one untimed warm-up pass.
+/// run as the engine runs it (a micro-batch at a time), after one untimed warm-up pass.
 pub fn profile_cpu(
     store: &WeightStore,
     config: EfficientDetConfig,
@@ -317,11 +317,13 @@ pub fn profile_cpu(
     let model = EfficientDet::load(&prof, store, config)?;
     let x = prof.upload(input)?;
     let batch = input.shape().first().copied().unwrap_or(1);
+    // As the engine runs a batch: a micro-batch at a time (detector::cpu_forward).
+    let forward = || crate::detector::cpu_forward(&prof, &model, &x);
     prof.inner().install(|| {
-        model.forward(&prof, &x)?;
+        forward()?;
         prof.take();
         for _ in 0..passes {
-            model.forward(&prof, &x)?;
+            forward()?;
         }
         Ok(Profile {
             passes,
