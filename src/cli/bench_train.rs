@@ -47,9 +47,9 @@ pub fn bench_train(a: BenchTrainArgs) -> anyhow::Result<()> {
     effdet::train::keep_freed_memory();
     use effdet::compute::Tensor;
     use effdet::compute::cpu::CpuBackend;
-    use effdet::model::{EfficientDetConfig, WeightStore};
+
     use effdet::train::loss::DetectionLoss;
-    use effdet::train::model::{TrainNet, TrainOptions};
+    use effdet::train::model::TrainOptions;
     use effdet::train::optim::{Optimizer, Sgd, clip_grad_norm};
 
     if a.batch == 0 || a.iters == 0 {
@@ -57,12 +57,7 @@ pub fn bench_train(a: BenchTrainArgs) -> anyhow::Result<()> {
             "--batch and --iters must be at least 1".into()
         ));
     }
-    let store = WeightStore::open(&a.model.weights)?;
-    let config =
-        effdet::detector::config_for_weights(&store, EfficientDetConfig::d0(), a.model.size)?;
-    let size = config.image_size.0;
-    let mut net = TrainNet::from_store(&store, config)?;
-    drop(store);
+    let (mut net, size) = train_net(&a.model)?;
     let backend = CpuBackend::new(a.model.threads)?;
     let (w, h, rgb) = synthetic_frame();
     let frame = Frame::packed(PixelFormat::Rgb, w, h, &rgb)?;

@@ -101,3 +101,19 @@ pub fn synthetic_frame() -> (usize, usize, Vec<u8>) {
     }
     (w, h, rgb)
 }
+
+/// The training network of `m.weights` (class count from the weights, input size from
+/// `--size`, else the weights' metadata), and that input size.
+pub fn train_net(m: &ModelArgs) -> anyhow::Result<(effdet::train::model::TrainNet, usize)> {
+    let store = effdet::model::WeightStore::open(&m.weights)?;
+    let config = effdet::detector::config_for_weights(
+        &store,
+        effdet::model::EfficientDetConfig::d0(),
+        m.size,
+    )?;
+    let size = config.image_size.0;
+    Ok((
+        effdet::train::model::TrainNet::from_store(&store, config)?,
+        size,
+    ))
+}

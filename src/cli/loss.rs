@@ -39,10 +39,10 @@ pub struct LossArgs {
 pub fn loss(a: LossArgs) -> anyhow::Result<()> {
     use effdet::compute::Tensor;
     use effdet::compute::cpu::CpuBackend;
-    use effdet::model::{EfficientDetConfig, WeightStore};
+
     use effdet::train::coco::{CocoAnnotations, load_batch};
     use effdet::train::loss::DetectionLoss;
-    use effdet::train::model::{TrainNet, TrainOptions};
+    use effdet::train::model::TrainOptions;
 
     if a.model.backend != "auto" && a.model.backend != "cpu" {
         anyhow::bail!(Error::InvalidArgument(format!(
@@ -51,12 +51,7 @@ pub fn loss(a: LossArgs) -> anyhow::Result<()> {
         )));
     }
     effdet::train::keep_freed_memory();
-    let store = WeightStore::open(&a.model.weights)?;
-    let config =
-        effdet::detector::config_for_weights(&store, EfficientDetConfig::d0(), a.model.size)?;
-    let size = config.image_size.0;
-    let mut net = TrainNet::from_store(&store, config)?;
-    drop(store);
+    let (mut net, size) = train_net(&a.model)?;
     let anns = CocoAnnotations::open(&a.annotations)?;
     let labeler = net.labeler()?;
     let num_classes = net.config().num_classes;
