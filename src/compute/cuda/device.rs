@@ -77,7 +77,7 @@ pub fn missing_libraries() -> Vec<&'static str> {
     // SAFETY: each call only tries to open the shared library.
     unsafe {
         if !cudarc::driver::sys::is_culib_present() {
-            missing.push("cuda (the NVIDIA driver's libcuda.so)");
+            missing.push("cuda (the NVIDIA driver's libcuda.so.1)");
         }
         if !cudarc::nvrtc::sys::is_culib_present() {
             missing.push("nvrtc");
