@@ -193,17 +193,8 @@ impl OnnxRecorder {
         attrs: Vec<AttributeProto>,
         shape: Vec<usize>,
     ) -> Value {
-        let out = self.fresh("t");
-        let name = format!("{op}_{out}");
-        self.graph().nodes.push(NodeProto {
-            input: inputs.iter().map(|s| s.to_string()).collect(),
-            output: vec![out.clone()],
-            name,
-            op_type: op.into(),
-            attribute: attrs,
-            ..Default::default()
-        });
-        Value { name: out, shape }
+        let mut outs = self.node_n(op, inputs, attrs, vec![shape]);
+        outs.remove(0)
     }
 
     /// Appends `op(inputs)` with `outputs` new values (shapes for bookkeeping only).
@@ -521,23 +512,31 @@ fn postprocess_graph(
         rec.op("Concat", &r, vec![attr_int("axis", 1)])
     };
     let (logits, codes) = (concat(&cls), concat(&cod));
-    // Top-k of the flattened logits (sorted; equal values: lower index first, as ours).
-    let logits = rec.op("Reshape", &[&logits, &rec.const_i64(&[0, -1])], vec![]);
-    let kk = rec.const_i64(&[k as i64]);
-    let top = rec.node_n(
-        "TopK",
-        &[&logits.name, &kk.name],
-        vec![
-            attr_int("axis", 1),
-            attr_int("largest", 1),
-            attr_int("sorted", 1),
-        ],
-        vec![vec![0, k], vec![0, k]],
-    );
-    let (values, index) = (&top[0], &top[1]);
-    let cc = rec.const_i64(&[c as i64]);
-    let anchor = rec.op("Div", &[index, &cc], vec![]);
-    let class = rec.op("Mod", &[index, &cc], vec![]);
+    // The `count` largest of `v` flattened per image (sorted; equal values: lower index first,
+    // as ours), with each one's flat index split as (index / row, index % row).
+    let top = |v: &Value, count: usize, row: usize| {
+        let flat = rec.op("Reshape", &[v, &rec.const_i64(&[0, -1])], vec![]);
+        let kv = rec.const_i64(&[count as i64]);
+        let t = rec.node_n(
+            "TopK",
+            &[&flat.name, &kv.name],
+            vec![
+                attr_int("axis", 1),
+                attr_int("largest", 1),
+                attr_int("sorted", 1),
+            ],
+            vec![vec![0, count], vec![0, count]],
+        );
+        // node_n returns one value per shape given: values, then indices.
+        let (values, index) = (t[0].clone(), t[1].clone());
+        let r = rec.const_i64(&[row as i64]);
+        let major = rec.op("Div", &[&index, &r], vec![]);
+        let minor = rec.op("Mod", &[&index, &r], vec![]);
+        (values, major, minor)
+    };
+    // Top-k of all logits: anchor = flat / C, class = flat % C.
+    let (values, anchor, class) = top(&logits, k, c);
+    let values = &values;
     // The candidates' codes and anchors, [N, k, 4].
     let by4 = |idx: &Value| {
         let u = rec.op("Unsqueeze", &[idx, &rec.const_i64(&[2])], vec![]);
@@ -610,22 +609,9 @@ fn postprocess_graph(
         vec![],
     );
     let grid = rec.op("ScatterND", &[&minus1, &selected, &kept], vec![]);
-    let grid = rec.op("Reshape", &[&grid, &rec.const_i64(&[0, -1])], vec![]);
-    let kdv = rec.const_i64(&[kd as i64]);
-    let best = rec.node_n(
-        "TopK",
-        &[&grid.name, &kdv.name],
-        vec![
-            attr_int("axis", 1),
-            attr_int("largest", 1),
-            attr_int("sorted", 1),
-        ],
-        vec![vec![0, kd], vec![0, kd]],
-    );
-    let (best_score, best_index) = (&best[0], &best[1]);
-    let kk1 = rec.const_i64(&[k as i64]);
-    let det_class = rec.op("Div", &[best_index, &kk1], vec![]);
-    let det_cand = rec.op("Mod", &[best_index, &kk1], vec![]);
+    // The best kd of the [N, C, k] grid: class = flat / k, candidate = flat % k.
+    let (best_score, det_class, det_cand) = top(&grid, kd, k);
+    let best_score = &best_score;
     let det_boxes = rec.op(
         "GatherElements",
         &[&boxes, &by4(&det_cand)],

@@ -343,14 +343,8 @@ impl GpuContext {
     /// The device memory pool's (used now, reserved now, reserved at most) in bytes: what this
     /// process's stream-ordered allocations hold, after the pool keeps freed blocks.
     pub fn pool_memory(&self) -> Result<(u64, u64, u64)> {
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| driver_error("cuCtxSetCurrent", e))?;
-        let mut pool = std::ptr::null_mut();
-        // SAFETY: the context is current; `pool` receives the device's default pool.
-        unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, self.ctx.cu_device()) }
-            .result()
-            .map_err(|e| driver_error("cuDeviceGetDefaultMemPool", e))?;
+        let pool = default_pool(&self.ctx)?
+            .ok_or_else(|| unavailable("this device has no stream-ordered memory pool"))?;
         let get = |attr| -> Result<u64> {
             let mut v = 0u64;
             // SAFETY: these attributes are 64-bit values; `pool` is the default pool.
@@ -421,21 +415,30 @@ impl GpuContext {
     }
 }
 
-/// Keeps freed device memory in the device's default pool (the one stream-ordered allocation
-/// uses) instead of returning it to the driver at each synchronisation: its release threshold
-/// goes to the maximum. Devices without stream-ordered allocation are left alone.
-fn keep_freed_memory(ctx: &Arc<CudaContext>) -> Result<()> {
+/// The device's default memory pool (the one stream-ordered allocation uses), with `ctx`
+/// made current; `None` where the device has no stream-ordered allocator.
+fn default_pool(ctx: &Arc<CudaContext>) -> Result<Option<sys::CUmemoryPool>> {
     ctx.bind_to_thread()
         .map_err(|e| driver_error("cuCtxSetCurrent", e))?;
     let mut pool = std::ptr::null_mut();
     // SAFETY: the context is current; `pool` receives the device's default pool.
     let r = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) };
     if r == sys::CUresult::CUDA_ERROR_NOT_SUPPORTED {
-        tracing::debug!("no stream-ordered allocator on this device: no pool to configure");
-        return Ok(());
+        return Ok(None);
     }
     r.result()
         .map_err(|e| driver_error("cuDeviceGetDefaultMemPool", e))?;
+    Ok(Some(pool))
+}
+
+/// Keeps freed device memory in the device's default pool (the one stream-ordered allocation
+/// uses) instead of returning it to the driver at each synchronisation: its release threshold
+/// goes to the maximum. Devices without stream-ordered allocation are left alone.
+fn keep_freed_memory(ctx: &Arc<CudaContext>) -> Result<()> {
+    let Some(pool) = default_pool(ctx)? else {
+        tracing::debug!("no stream-ordered allocator on this device: no pool to configure");
+        return Ok(());
+    };
     let mut threshold = u64::MAX;
     // SAFETY: RELEASE_THRESHOLD takes a u64; `pool` is valid.
     unsafe {
